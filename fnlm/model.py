@@ -1,0 +1,166 @@
+"""The CS336 Transformer LM as pure functions over a parameter pytree.
+
+    params = {
+        "token_embeddings": {"weight": (V, D)},
+        "layers": [{"attn": {"q_proj" | "k_proj" | "v_proj" | "output_proj": {"weight": (D, D)}},
+                    "ln1": {"weight": (D,)},
+                    "ffn": {"w1": {"weight": (F, D)}, "w2": {"weight": (D, F)}, "w3": {"weight": (F, D)}},
+                    "ln2": {"weight": (D,)}}, ...],
+        "ln_final": {"weight": (D,)},
+        "lm_head": {"weight": (V, D)},
+    }
+
+Ablations change the tree as well as the function: without RMSNorm there are no ln* leaves, the
+ungated SiLU FFN has no w3, and a post-norm model has no ln_final (each block already ends in a
+norm). Shape legend: B batch dims, T sequence, D d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .nn import embedding, linear, multihead_self_attention, rmsnorm, silu_ffn, swiglu
+from .tree import PyTree, tree_leaves, tree_map_with_path
+
+
+@dataclass(frozen=True)
+class Init:
+    """A parameter leaf before it exists: its shape and a truncated-normal std (None: ones)."""
+
+    shape: tuple[int, ...]
+    std: float | None = None
+
+
+def linear_spec(d_in: int, d_out: int) -> PyTree:
+    # N(0, 2 / (d_in + d_out)) truncated at 3 sigma (handout 3.4.1).
+    return {"weight": Init((d_out, d_in), std=math.sqrt(2 / (d_in + d_out)))}
+
+
+def embedding_spec(vocab_size: int, d_model: int) -> PyTree:
+    return {"weight": Init((vocab_size, d_model), std=1.0)}
+
+
+def rmsnorm_spec(d_model: int) -> PyTree:
+    return {"weight": Init((d_model,))}
+
+
+def ffn_spec(d_model: int, d_ff: int, ffn_type: str = "swiglu") -> PyTree:
+    spec = {"w1": linear_spec(d_model, d_ff), "w2": linear_spec(d_ff, d_model)}
+    if ffn_type == "swiglu":
+        spec["w3"] = linear_spec(d_model, d_ff)
+    return spec
+
+
+def attention_spec(d_model: int) -> PyTree:
+    return {name: linear_spec(d_model, d_model) for name in ("q_proj", "k_proj", "v_proj", "output_proj")}
+
+
+def block_spec(cfg: ModelConfig) -> PyTree:
+    spec = {"attn": attention_spec(cfg.d_model), "ffn": ffn_spec(cfg.d_model, cfg.d_ff, cfg.ffn_type)}
+    if not cfg.remove_rmsnorm:
+        spec |= {"ln1": rmsnorm_spec(cfg.d_model), "ln2": rmsnorm_spec(cfg.d_model)}
+    return spec
+
+
+def lm_spec(cfg: ModelConfig) -> PyTree:
+    spec = {
+        "token_embeddings": embedding_spec(cfg.vocab_size, cfg.d_model),
+        "layers": [block_spec(cfg) for _ in range(cfg.num_layers)],
+        "lm_head": linear_spec(cfg.d_model, cfg.vocab_size),
+    }
+    if not (cfg.remove_rmsnorm or cfg.use_post_norm):
+        spec["ln_final"] = rmsnorm_spec(cfg.d_model)
+    return spec
+
+
+def materialize(
+    spec: PyTree, *, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> PyTree:
+    """Sample every Init leaf on the CPU from a generator seeded by (seed, leaf path), then move it.
+
+    Per-leaf generators make a leaf's values independent of the rest of the tree and of the
+    device, so CPU and GPU inits agree and adding a layer leaves the others unchanged.
+    """
+
+    def sample(path: str, init: Init) -> Tensor:
+        digest = hashlib.blake2b(f"{seed}/{path}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        leaf = torch.ones(init.shape)
+        if init.std is not None:
+            std = init.std
+            torch.nn.init.trunc_normal_(leaf, 0.0, std, -3 * std, 3 * std, generator=generator)
+        return leaf.to(device=device, dtype=dtype)
+
+    return tree_map_with_path(sample, spec)
+
+
+def init_params(
+    cfg: ModelConfig, *, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> PyTree:
+    return materialize(lm_spec(cfg), seed=seed, device=device, dtype=dtype)
+
+
+def num_params(params: PyTree) -> int:
+    return sum(leaf.numel() for leaf in tree_leaves(params))
+
+
+def transformer_block(
+    params: PyTree, x: Tensor, cfg: ModelConfig, token_positions: Tensor | None = None
+) -> Tensor:
+    """x (B, T, D) -> (B, T, D): pre-norm x + attn(norm(x)), then x + ffn(norm(x)), or post-norm."""
+
+    def attn(h: Tensor) -> Tensor:
+        theta = None if cfg.remove_rope else cfg.rope_theta
+        return multihead_self_attention(
+            params["attn"], h, cfg.num_heads, token_positions=token_positions, rope_theta=theta
+        )
+
+    def ffn(h: Tensor) -> Tensor:
+        return (swiglu if cfg.ffn_type == "swiglu" else silu_ffn)(params["ffn"], h)
+
+    def norm(name: str, h: Tensor) -> Tensor:
+        return h if cfg.remove_rmsnorm else rmsnorm(params[name], h, cfg.eps)
+
+    if cfg.use_post_norm:
+        x = norm("ln1", x + attn(x))
+        return norm("ln2", x + ffn(x))
+    x = x + attn(norm("ln1", x))
+    return x + ffn(norm("ln2", x))
+
+
+def transformer_lm(params: PyTree, token_ids: Tensor, cfg: ModelConfig) -> Tensor:
+    """token_ids (B, T) integer, T <= context_length -> logits (B, T, V)."""
+    check_token_ids(token_ids, cfg)
+    x = embedding(params["token_embeddings"], token_ids)  # (B, T, D)
+    for layer in params["layers"]:
+        x = transformer_block(layer, x, cfg)
+    if "ln_final" in params:
+        x = rmsnorm(params["ln_final"], x, cfg.eps)
+    return linear(params["lm_head"], x)  # (B, T, V)
+
+
+def check_token_ids(token_ids: Tensor, cfg: ModelConfig) -> None:
+    """Raise a clear error for ids that are not integers, too long a sequence, or out of range.
+
+    The range check reads the values, so it runs only in eager code outside function
+    transforms; compiled and vmapped steps rely on the data pipeline's one-time check.
+    """
+    if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+        raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+    if token_ids.ndim < 1:
+        raise ValueError("token_ids must have a sequence dimension, got a 0-d tensor")
+    if token_ids.shape[-1] > cfg.context_length:
+        raise ValueError(
+            f"sequence length {token_ids.shape[-1]} exceeds context_length {cfg.context_length}"
+        )
+    if torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(token_ids):
+        return
+    if token_ids.numel() and bool(((token_ids < 0) | (token_ids >= cfg.vocab_size)).any()):
+        bad = token_ids[(token_ids < 0) | (token_ids >= cfg.vocab_size)][0].item()
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")

@@ -1,0 +1,86 @@
+"""Parameter pytrees: nested dicts and lists of tensors. The only module that imports optree.
+
+A flat view joins paths with dots ("layers.0.attn.q_proj.weight"); that flat dict IS a
+PyTorch state dict, and `flatten` / `unflatten` are the single bridge between the two.
+optree sorts dict keys when flattening; never zip leaves of two flatteners, match by path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optree
+import torch
+
+PyTree = Any  # nested dicts / lists / tuples / NamedTuples with tensor (or spec) leaves
+
+__all__ = [
+    "PyTree",
+    "flatten",
+    "global_norm",
+    "tree_leaves",
+    "tree_map",
+    "tree_map_with_path",
+    "unflatten",
+    "zeros_like",
+]
+
+
+def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Apply `fn` leafwise over `tree` and trees of the same structure."""
+    return optree.tree_map(fn, tree, *rest)
+
+
+def tree_map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Like `tree_map`, with the leaf's dotted path as `fn`'s first argument."""
+    return optree.tree_map_with_path(lambda path, *xs: fn(_join(path), *xs), tree, *rest)
+
+
+def tree_leaves(tree: PyTree) -> list[Any]:
+    return optree.tree_leaves(tree)
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+    """{"a": {"b": [x, y]}} -> {"a.b.0": x, "a.b.1": y}."""
+    paths, leaves, _ = optree.tree_flatten_with_path(tree)
+    return {_join(path): leaf for path, leaf in zip(paths, leaves)}
+
+
+def unflatten(flat: Mapping[str, Any], like: PyTree) -> PyTree:
+    """Rebuild a tree shaped like `like` from a flat dict; keys and leaf shapes must match exactly."""
+    paths, like_leaves, spec = optree.tree_flatten_with_path(like)
+    expected = {_join(path): leaf for path, leaf in zip(paths, like_leaves)}
+    missing = sorted(expected.keys() - flat.keys())
+    unexpected = sorted(flat.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not match the parameter tree: missing {_short(missing)}, "
+            f"unexpected {_short(unexpected)}"
+        )
+    for key, want in expected.items():
+        got = getattr(flat[key], "shape", None)
+        if hasattr(want, "shape") and got is not None and tuple(got) != tuple(want.shape):
+            raise ValueError(f"{key}: expected shape {tuple(want.shape)}, got {tuple(got)}")
+    return optree.tree_unflatten(spec, [flat[key] for key in expected])
+
+
+def zeros_like(tree: PyTree) -> PyTree:
+    return tree_map(torch.zeros_like, tree)
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
+    """The L2 norm of all leaves taken together, as a float32 0-d tensor."""
+    norms = [torch.linalg.vector_norm(leaf, dtype=torch.float32) for leaf in tree_leaves(tree)]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _join(path: tuple[Any, ...]) -> str:
+    return ".".join(str(key) for key in path)
+
+
+def _short(keys: list[str], limit: int = 6) -> str:
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more

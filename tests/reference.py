@@ -1,0 +1,94 @@
+"""An independent, conventional implementation of the same LM: nn.Modules + torch.nn.functional.
+
+It is the oracle for fnlm's model tests and the peer in scripts/bench_*.py. It shares nothing
+with fnlm but the state-dict names, so fnlm parameters load into it with load_state_dict.
+RoPE here uses complex multiplication (the Llama reference's formulation), attention uses
+F.scaled_dot_product_attention and the norms nn.RMSNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fnlm.config import ModelConfig
+
+
+def rope_complex(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """x (..., T, Dh) with interleaved pairs read as complex numbers, rotated by e^{i pos w}."""
+    d = x.shape[-1]
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d)
+    angles = positions.to(torch.float64)[..., None] * freqs  # (..., T, Dh/2)
+    rotation = torch.polar(torch.ones_like(angles), angles)
+    as_complex = torch.view_as_complex(x.to(torch.float64).reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    return torch.view_as_real(as_complex * rotation).flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj, self.k_proj, self.v_proj, self.output_proj = (
+            nn.Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(4)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        h = self.cfg.num_heads
+        q, k, v = (proj(x).view(b, t, h, d // h).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if not self.cfg.remove_rope:
+            positions = torch.arange(t, device=x.device)
+            q, k = rope_complex(q, positions, self.cfg.rope_theta), rope_complex(k, positions, self.cfg.rope_theta)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.output_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.ffn_type == "swiglu"
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        if self.gated:
+            self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.silu(self.w1(x))
+        return self.w2(h * self.w3(x) if self.gated else h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.attn, self.ffn = Attention(cfg), FeedForward(cfg)
+        norm = nn.Identity if cfg.remove_rmsnorm else (lambda: nn.RMSNorm(cfg.d_model, eps=cfg.eps))
+        self.ln1, self.ln2 = norm(), norm()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.cfg.use_post_norm:
+            x = self.ln1(x + self.attn(x))
+            return self.ln2(x + self.ffn(x))
+        x = x + self.attn(self.ln1(x))
+        return x + self.ffn(self.ln2(x))
+
+
+class ReferenceLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        final_norm = not (cfg.remove_rmsnorm or cfg.use_post_norm)
+        self.ln_final = nn.RMSNorm(cfg.d_model, eps=cfg.eps) if final_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        x = self.token_embeddings(token_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.ln_final(x))
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        logits = self(x)
+        return F.cross_entropy(logits.flatten(0, -2).float(), y.flatten())
