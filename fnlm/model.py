@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -113,13 +115,27 @@ def num_params(params: PyTree) -> int:
 def transformer_block(
     params: PyTree, x: Tensor, cfg: ModelConfig, token_positions: Tensor | None = None
 ) -> Tensor:
-    """x (B, T, D) -> (B, T, D): pre-norm x + attn(norm(x)), then x + ffn(norm(x)), or post-norm."""
+    """x (B, T, D) -> (B, T, D): causal self-attention and FFN sublayers, pre-norm or post-norm."""
 
-    def attn(h: Tensor) -> Tensor:
+    def attention(h: Tensor) -> tuple[Tensor, None]:
         theta = None if cfg.remove_rope else cfg.rope_theta
-        return multihead_self_attention(
+        out = multihead_self_attention(
             params["attn"], h, cfg.num_heads, token_positions=token_positions, rope_theta=theta
         )
+        return out, None
+
+    return residual_block(params, x, cfg, attention)[0]
+
+
+def residual_block(
+    params: PyTree, x: Tensor, cfg: ModelConfig, attention: Callable[[Tensor], tuple[Tensor, Any]]
+) -> tuple[Tensor, Any]:
+    """The block's wiring around an attention sublayer `h -> (out, aux)`; returns (x, aux).
+
+    Pre-norm: x + attn(norm(x)), then x + ffn(norm(x)). Post-norm: norm(x + attn(x)), then
+    norm(x + ffn(x)). The attention is a parameter so that cached decoding (fnlm.decode) reuses
+    this wiring with its own attention, threading the KV cache out through `aux`.
+    """
 
     def ffn(h: Tensor) -> Tensor:
         return (swiglu if cfg.ffn_type == "swiglu" else silu_ffn)(params["ffn"], h)
@@ -128,10 +144,12 @@ def transformer_block(
         return h if cfg.remove_rmsnorm else rmsnorm(params[name], h, cfg.eps)
 
     if cfg.use_post_norm:
-        x = norm("ln1", x + attn(x))
-        return norm("ln2", x + ffn(x))
-    x = x + attn(norm("ln1", x))
-    return x + ffn(norm("ln2", x))
+        attended, aux = attention(x)
+        x = norm("ln1", x + attended)
+        return norm("ln2", x + ffn(x)), aux
+    attended, aux = attention(norm("ln1", x))
+    x = x + attended
+    return x + ffn(norm("ln2", x)), aux
 
 
 def transformer_lm(params: PyTree, token_ids: Tensor, cfg: ModelConfig) -> Tensor:
@@ -140,9 +158,14 @@ def transformer_lm(params: PyTree, token_ids: Tensor, cfg: ModelConfig) -> Tenso
     x = embedding(params["token_embeddings"], token_ids)  # (B, T, D)
     for layer in params["layers"]:
         x = transformer_block(layer, x, cfg)
+    return output_logits(params, x, cfg)
+
+
+def output_logits(params: PyTree, x: Tensor, cfg: ModelConfig) -> Tensor:
+    """The last block's output (B, T, D) -> logits (B, T, V): final norm (if any), then lm_head."""
     if "ln_final" in params:
         x = rmsnorm(params["ln_final"], x, cfg.eps)
-    return linear(params["lm_head"], x)  # (B, T, V)
+    return linear(params["lm_head"], x)
 
 
 def check_token_ids(token_ids: Tensor, cfg: ModelConfig) -> None:

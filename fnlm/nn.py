@@ -108,20 +108,33 @@ def multihead_self_attention(
     projection belong to head h. RoPE rotates queries and keys when rope_theta is given, at
     token_positions (..., T) (default 0..T-1); rope_theta=None is NoPE.
     """
-    *_, seq_len, d_model = x.shape
+    seq_len = x.shape[-2]
+    if token_positions is None:
+        token_positions = torch.arange(seq_len, device=x.device)
+    q, k, v = attention_heads(params, x, num_heads, token_positions, rope_theta)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()  # (T, T)
+    return attention_output(params, scaled_dot_product_attention(q, k, v, causal))
+
+
+def attention_heads(
+    params: PyTree, x: Tensor, num_heads: int, token_positions: Tensor, rope_theta: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x (..., T, D) -> q, k, v (..., H, T, Dh), queries and keys rotated by RoPE unless rope_theta is None."""
+    d_model = x.shape[-1]
     if d_model % num_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
     w_qkv = torch.cat([params[name]["weight"] for name in ("q_proj", "k_proj", "v_proj")])  # (3D, D)
     qkv = (x @ w_qkv.T).unflatten(-1, (3, num_heads, d_model // num_heads))  # (..., T, 3, H, Dh)
     q, k, v = qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)  # (..., H, T, Dh) each
     if rope_theta is not None:
-        if token_positions is None:
-            token_positions = torch.arange(seq_len, device=x.device)
         head_positions = token_positions.unsqueeze(-2)  # (..., 1, T): the same angles for every head
         q, k = rope(q, head_positions, rope_theta), rope(k, head_positions, rope_theta)
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()  # (T, T)
-    out = scaled_dot_product_attention(q, k, v, causal)  # (..., H, T, Dh)
-    return linear(params["output_proj"], out.transpose(-3, -2).flatten(-2))  # (..., T, D)
+    return q, k, v
+
+
+def attention_output(params: PyTree, heads: Tensor) -> Tensor:
+    """Per-head attention outputs (..., H, T, Dh) -> concatenated and projected (..., T, D)."""
+    return linear(params["output_proj"], heads.transpose(-3, -2).flatten(-2))
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
