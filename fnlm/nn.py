@@ -62,21 +62,45 @@ def rope(x: Tensor, token_positions: Tensor, theta: float) -> Tensor:
     exponents = torch.arange(0, head_dim, 2, device=x.device, dtype=dtype) / head_dim
     angles = token_positions.to(dtype).unsqueeze(-1) * theta**-exponents  # (..., T, Dh/2)
     cos, sin = angles.cos(), angles.sin()
-    pairs = x.unflatten(-1, (-1, 2))  # (..., T, Dh/2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., T, Dh/2) each; unbind's backward is one stack
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
-    """exp(x - max) / sum, in float32 at least. A row that is all -inf gives zeros, not NaN."""
-    x32 = _at_least_float32(x)
-    # Shifting by any constant leaves softmax unchanged, so the shift carries no gradient; the
-    # clamp keeps an all -inf row's shift finite so that its exps are 0 rather than NaN.
-    shift = x32.amax(dim, keepdim=True).detach().clamp_min(torch.finfo(x32.dtype).min)
-    exps = torch.exp(x32 - shift)
-    total = exps.sum(dim, keepdim=True).clamp_min(torch.finfo(x32.dtype).tiny)  # >= 1 unless all -inf
-    return (exps / total).to(x.dtype)
+    """exp(x - max) / sum along `dim`, in float32 at least. A row that is all -inf gives zeros, not NaN."""
+    probs = _LastDimSoftmax.apply(_at_least_float32(x).movedim(dim, -1))
+    return probs.movedim(-1, dim).to(x.dtype)
+
+
+class _LastDimSoftmax(torch.autograd.Function):
+    """Softmax over the last dim with its closed-form backward, p * (g - <g, p>).
+
+    Autograd through exp, sum and div would take several more passes over the (..., T, S)
+    attention scores, the largest tensors of a training step; this takes two, and the row dot
+    products <g, p> run as a batched matmul that never materialises g * p. Written in the
+    setup_context style so that torch.func.grad, vmap (via the generated rule) and compile apply.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        # The clamp keeps an all -inf row's shift finite, so its exps are 0 rather than NaN,
+        # and the total's clamp makes that row 0 / tiny = 0; any other row's total is >= 1.
+        shift = x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
+        exps = (x - shift).exp_()
+        return exps.div_(exps.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (probs,) = ctx.saved_tensors
+        row_dots = grad.unsqueeze(-2) @ probs.unsqueeze(-1)  # (..., 1, 1)
+        return (grad - row_dots.squeeze(-1)) * probs
 
 
 def scaled_dot_product_attention(
@@ -90,7 +114,9 @@ def scaled_dot_product_attention(
         raise TypeError(f"mask must be a boolean tensor (True = attend), got {mask.dtype}")
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (..., T, S)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        # An additive 0 / -inf bias rather than masked_fill: its backward is the identity.
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+        scores = scores + bias.masked_fill_(~mask, float("-inf"))
     return softmax(scores, dim=-1).to(v.dtype) @ v
 
 
@@ -138,17 +164,44 @@ def attention_output(params: PyTree, heads: Tensor) -> Tensor:
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean of -log softmax(logits)[target]. logits (..., V), targets (...) integer -> 0-d float32."""
+    """Mean of -log softmax(logits)[target]. logits (..., V), targets (...) integer -> 0-d float32+."""
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"targets shape {tuple(targets.shape)} must equal logits shape without the vocab dim "
             f"{tuple(logits.shape[:-1])}"
         )
-    logits = _at_least_float32(logits)
-    shift = logits.amax(-1, keepdim=True).detach()  # (..., 1)
-    log_normalizer = shift.squeeze(-1) + torch.exp(logits - shift).sum(-1).log()  # (...)
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (...)
-    return (log_normalizer - target_logits).mean()
+    flat_logits = _at_least_float32(logits).flatten(0, -2)  # (N, V)
+    return _CrossEntropy.apply(flat_logits, targets.flatten())[0]
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Log-sum-exp minus the target logit, averaged; backward (softmax - onehot) / N in one pass.
+
+    forward(logits (N, V), targets (N,)) -> (mean loss, log normaliser (N, 1)); the second
+    output only carries the normaliser to the backward.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        shift = logits.amax(-1, keepdim=True)  # (N, 1): exp never overflows
+        log_normalizer = shift + (logits - shift).exp_().sum(-1, keepdim=True).log_()  # (N, 1)
+        target_logits = logits.gather(-1, targets.unsqueeze(-1))  # (N, 1)
+        return (log_normalizer - target_logits).mean(), log_normalizer
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs) -> None:
+        logits, targets = inputs
+        ctx.mark_non_differentiable(outputs[1])
+        ctx.save_for_backward(logits, targets, outputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _: Tensor) -> tuple[Tensor, None]:
+        logits, targets, log_normalizer = ctx.saved_tensors
+        grad = (logits - log_normalizer).exp_()  # softmax (N, V)
+        grad.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(log_normalizer, -1.0))
+        return grad.mul_(grad_loss / logits.shape[0]), None
 
 
 def _at_least_float32(x: Tensor) -> Tensor:

@@ -17,11 +17,11 @@ from fnlm.config import ModelConfig
 
 def rope_complex(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """x (..., T, Dh) with interleaved pairs read as complex numbers, rotated by e^{i pos w}."""
-    d = x.shape[-1]
-    freqs = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d)
-    angles = positions.to(torch.float64)[..., None] * freqs  # (..., T, Dh/2)
+    d, dtype = x.shape[-1], torch.promote_types(x.dtype, torch.float32)
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)
+    angles = positions.to(dtype)[..., None] * freqs  # (..., T, Dh/2)
     rotation = torch.polar(torch.ones_like(angles), angles)
-    as_complex = torch.view_as_complex(x.to(torch.float64).reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    as_complex = torch.view_as_complex(x.to(dtype).reshape(*x.shape[:-1], d // 2, 2).contiguous())
     return torch.view_as_real(as_complex * rotation).flatten(-2).to(x.dtype)
 
 
