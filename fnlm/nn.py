@@ -68,29 +68,33 @@ def rope(x: Tensor, token_positions: Tensor, theta: float) -> Tensor:
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
-    """exp(x - max) / sum along `dim`, in float32 at least. A row that is all -inf gives zeros, not NaN."""
-    probs = _LastDimSoftmax.apply(_at_least_float32(x).movedim(dim, -1))
-    return probs.movedim(-1, dim).to(x.dtype)
+    """exp(x - max) / sum along `dim`, computed in float32 at least, returned in x's dtype.
+
+    A row that is all -inf gives zeros, not NaN.
+    """
+    return _LastDimSoftmax.apply(x.movedim(dim, -1)).movedim(-1, dim)
 
 
 class _LastDimSoftmax(torch.autograd.Function):
     """Softmax over the last dim with its closed-form backward, p * (g - <g, p>).
 
     Autograd through exp, sum and div would take several more passes over the (..., T, S)
-    attention scores, the largest tensors of a training step; this takes two, and the row dot
-    products <g, p> run as a batched matmul that never materialises g * p. Written in the
-    setup_context style so that torch.func.grad, vmap (via the generated rule) and compile apply.
+    attention scores, the largest tensors of a training step; this takes two. Only the output
+    is saved, in the input's dtype (half the bytes under bf16 autocast); the arithmetic is
+    float32. Written in the setup_context style so that torch.func.grad, vmap (via the
+    generated rule) and torch.compile all apply.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor) -> Tensor:
+        x32 = _at_least_float32(x)
         # The clamp keeps an all -inf row's shift finite, so its exps are 0 rather than NaN,
         # and the total's clamp makes that row 0 / tiny = 0; any other row's total is >= 1.
-        shift = x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
-        exps = (x - shift).exp_()
-        return exps.div_(exps.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny))
+        shift = x32.amax(-1, keepdim=True).clamp_min(torch.finfo(x32.dtype).min)
+        exps = (x32 - shift).exp_()
+        return exps.div_(exps.sum(-1, keepdim=True).clamp_min(torch.finfo(x32.dtype).tiny)).to(x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -99,8 +103,9 @@ class _LastDimSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (probs,) = ctx.saved_tensors
-        row_dots = grad.unsqueeze(-2) @ probs.unsqueeze(-1)  # (..., 1, 1)
-        return (grad - row_dots.squeeze(-1)) * probs
+        grad32, probs32 = _at_least_float32(grad), _at_least_float32(probs)
+        row_dots = (grad32 * probs32).sum(-1, keepdim=True)  # (..., 1)
+        return ((grad32 - row_dots) * probs32).to(grad.dtype)
 
 
 def scaled_dot_product_attention(
@@ -164,30 +169,31 @@ def attention_output(params: PyTree, heads: Tensor) -> Tensor:
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean of -log softmax(logits)[target]. logits (..., V), targets (...) integer -> 0-d float32+."""
+    """Mean of -log softmax(logits)[target], in float32 at least. logits (..., V), targets (...) integer -> 0-d."""
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"targets shape {tuple(targets.shape)} must equal logits shape without the vocab dim "
             f"{tuple(logits.shape[:-1])}"
         )
-    flat_logits = _at_least_float32(logits).flatten(0, -2)  # (N, V)
-    return _CrossEntropy.apply(flat_logits, targets.flatten())[0]
+    return _CrossEntropy.apply(logits.flatten(0, -2), targets.flatten())[0]
 
 
 class _CrossEntropy(torch.autograd.Function):
     """Log-sum-exp minus the target logit, averaged; backward (softmax - onehot) / N in one pass.
 
     forward(logits (N, V), targets (N,)) -> (mean loss, log normaliser (N, 1)); the second
-    output only carries the normaliser to the backward.
+    output only carries the normaliser to the backward. The logits are saved in their own
+    dtype (under bf16 autocast, half the bytes of the largest activation) and upcast on use.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        shift = logits.amax(-1, keepdim=True)  # (N, 1): exp never overflows
-        log_normalizer = shift + (logits - shift).exp_().sum(-1, keepdim=True).log_()  # (N, 1)
-        target_logits = logits.gather(-1, targets.unsqueeze(-1))  # (N, 1)
+        logits32 = _at_least_float32(logits)
+        shift = logits32.amax(-1, keepdim=True)  # (N, 1): exp never overflows
+        log_normalizer = shift + (logits32 - shift).exp_().sum(-1, keepdim=True).log_()  # (N, 1)
+        target_logits = logits32.gather(-1, targets.unsqueeze(-1))  # (N, 1)
         return (log_normalizer - target_logits).mean(), log_normalizer
 
     @staticmethod
@@ -199,9 +205,9 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, _: Tensor) -> tuple[Tensor, None]:
         logits, targets, log_normalizer = ctx.saved_tensors
-        grad = (logits - log_normalizer).exp_()  # softmax (N, V)
+        grad = (_at_least_float32(logits) - log_normalizer).exp_()  # softmax (N, V)
         grad.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(log_normalizer, -1.0))
-        return grad.mul_(grad_loss / logits.shape[0]), None
+        return (grad * (grad_loss / logits.shape[0])).to(logits.dtype), None
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
