@@ -9,7 +9,9 @@ import sys
 
 from . import __version__
 
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = (
+    "fnlm.download",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

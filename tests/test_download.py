@@ -1,0 +1,231 @@
+"""fnlm.download against a local HTTP server: resume, Range-less servers, corruption, gzip, offline."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from fnlm.cli import main
+from fnlm.download import (
+    DATASETS,
+    ChecksumError,
+    DownloadError,
+    Interrupted,
+    RemoteFile,
+    fetch_dataset,
+    fetch_file,
+)
+
+TRAIN = bytes(range(256)) * 40  # 10,240 bytes: several reads, and a cut lands mid-file
+VALID = b"Once upon a time there was a tiny valid split.\n<|endoftext|>\n" * 10
+
+
+class FileServer:
+    """Serves `files` on 127.0.0.1; knobs make it misbehave, `log` records every request.
+
+    cuts: byte counts; the n-th response sends only cuts[n] body bytes, then drops the connection.
+    honour_range: False answers every request with the whole file (200), as some servers do.
+    corrupt: flip one byte in the middle of every body.
+    """
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.cuts: list[int] = []
+        self.honour_range = True
+        self.corrupt = False
+        self.log: list[dict] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/files"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                name = self.path.removeprefix("/files/")
+                if name not in server.files:
+                    self.send_error(404)
+                    return
+                body = server.files[name]
+                if server.corrupt:
+                    middle = len(body) // 2
+                    body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
+                requested = self.headers.get("Range")
+                start = int(requested.removeprefix("bytes=").removesuffix("-")) if requested else 0
+                entry = {"name": name, "range": requested, "sent": 0}
+                server.log.append(entry)
+                if requested and server.honour_range and start >= len(body):
+                    entry["status"] = 416
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if requested and server.honour_range:
+                    entry["status"] = 206
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    body = body[start:]
+                else:
+                    entry["status"] = 200
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.cuts:
+                    body = body[: server.cuts.pop(0)]
+                    self.close_connection = True
+                self.wfile.write(body)
+                entry["sent"] = len(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    files = {"TinyStoriesV2-GPT4-train.txt": TRAIN, "TinyStoriesV2-GPT4-valid.txt": VALID,
+             "owt_train.txt.gz": gzip.compress(TRAIN), "owt_valid.txt.gz": gzip.compress(VALID)}
+    server = FileServer(files)
+    yield server
+    server.close()
+
+
+def fetch(server: FileServer, dest: Path, remote: RemoteFile | None = None, **options) -> Path:
+    remote = remote or RemoteFile("TinyStoriesV2-GPT4-train.txt")
+    return fetch_file(remote, dest, base_url=server.url, verbose=False, **{"retries": 0, **options})
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def record(path: Path) -> dict:
+    return json.loads(path.with_name(path.name + ".sha256.json").read_text())
+
+
+def test_full_download_records_the_computed_checksum(server, tmp_path):
+    train, valid = fetch_dataset("tinystories", tmp_path, base_url=server.url, verbose=False)
+    assert train.read_bytes() == TRAIN and valid.read_bytes() == VALID
+    assert record(train)["sha256"] == sha256(TRAIN) and record(train)["size"] == len(TRAIN)
+    assert record(train)["source_checked_against_manifest"] is False  # the manifest pins nothing
+    assert [entry["range"] for entry in server.log] == [None, None]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [train.name, valid.name, train.name + ".sha256.json", valid.name + ".sha256.json"]
+    )
+
+
+def test_a_cut_download_resumes_and_fetches_only_the_rest(server, tmp_path):
+    server.cuts = [3000]
+    with pytest.raises(Interrupted, match="after 3000 of 10240 bytes"):
+        fetch(server, tmp_path)
+    assert not (tmp_path / "TinyStoriesV2-GPT4-train.txt").exists()
+    assert (tmp_path / "TinyStoriesV2-GPT4-train.txt.part").stat().st_size == 3000
+
+    path = fetch(server, tmp_path, RemoteFile("TinyStoriesV2-GPT4-train.txt", len(TRAIN), sha256(TRAIN)))
+    assert path.read_bytes() == TRAIN
+    resumed = {"name": path.name, "range": "bytes=3000-", "status": 206, "sent": len(TRAIN) - 3000}
+    assert server.log[-1] == resumed
+    assert record(path)["source_checked_against_manifest"] is True
+
+
+def test_interruptions_are_retried_within_one_run(server, tmp_path):
+    server.cuts = [1000, 2500]
+    path = fetch(server, tmp_path, retries=2, retry_delay=0)
+    assert path.read_bytes() == TRAIN
+    assert [entry["range"] for entry in server.log] == [None, "bytes=1000-", "bytes=3500-"]
+
+
+def test_a_server_that_ignores_range_restarts_cleanly(server, tmp_path):
+    (tmp_path / "TinyStoriesV2-GPT4-train.txt.part").write_bytes(b"stale bytes from another file")
+    server.honour_range = False
+    assert fetch(server, tmp_path).read_bytes() == TRAIN
+    restarted = {"name": "TinyStoriesV2-GPT4-train.txt", "range": "bytes=29-", "status": 200, "sent": len(TRAIN)}
+    assert server.log == [restarted]
+
+
+def test_a_complete_part_file_is_finished_without_a_body(server, tmp_path):
+    (tmp_path / "TinyStoriesV2-GPT4-train.txt.part").write_bytes(TRAIN)
+    assert fetch(server, tmp_path).read_bytes() == TRAIN
+    assert [entry["status"] for entry in server.log] == [416]
+
+
+def test_corrupt_bytes_are_rejected_and_not_kept(server, tmp_path):
+    server.corrupt = True
+    with pytest.raises(ChecksumError, match=f"sha256 [0-9a-f]{{64}}, expected {sha256(TRAIN)}"):
+        fetch(server, tmp_path, RemoteFile("TinyStoriesV2-GPT4-train.txt", sha256=sha256(TRAIN)))
+    assert list(tmp_path.iterdir()) == []  # no final file, no record, no .part to resume from
+
+
+def test_gz_files_are_gunzipped_and_removed(server, tmp_path):
+    train, valid = fetch_dataset("owt", tmp_path, base_url=server.url, verbose=False)
+    assert (train.name, valid.name) == ("owt_train.txt", "owt_valid.txt")
+    assert train.read_bytes() == TRAIN and valid.read_bytes() == VALID
+    assert record(train)["sha256"] == sha256(TRAIN)
+    assert record(train)["source_sha256"] == sha256(server.files["owt_train.txt.gz"])
+    assert not any(path.name.endswith((".gz", ".part")) for path in tmp_path.iterdir())
+
+
+def test_a_truncated_gz_is_a_clear_error(server, tmp_path):
+    (tmp_path / "owt_valid.txt.gz").write_bytes(server.files["owt_valid.txt.gz"][:-20])
+    with pytest.raises(ChecksumError, match="owt_valid.txt.gz is not a complete gzip file"):
+        fetch(server, tmp_path, DATASETS["owt"].splits["valid"])
+    assert not (tmp_path / "owt_valid.txt").exists()
+
+
+def test_reruns_verify_against_the_record_without_downloading(server, tmp_path):
+    path = fetch(server, tmp_path)
+    fetch(server, tmp_path)
+    assert len(server.log) == 1
+    path.write_bytes(TRAIN[:-1] + b"!")
+    with pytest.raises(ChecksumError, match="sha256.json; delete both to download again"):
+        fetch(server, tmp_path)
+
+
+def test_a_file_copied_in_by_hand_is_checked_and_recorded(server, tmp_path):
+    (tmp_path / "TinyStoriesV2-GPT4-valid.txt").write_bytes(VALID)
+    fetch(server, tmp_path, RemoteFile("TinyStoriesV2-GPT4-valid.txt", len(VALID), sha256(VALID)))
+    assert server.log == []
+    assert record(tmp_path / "TinyStoriesV2-GPT4-valid.txt")["source_checked_against_manifest"] is True
+    (tmp_path / "owt_valid.txt.gz").write_bytes(server.files["owt_valid.txt.gz"])  # gunzipped offline
+    assert fetch(server, tmp_path, RemoteFile("owt_valid.txt.gz")).read_bytes() == VALID
+    assert server.log == []
+
+
+def test_offline_error_names_the_url_the_cause_and_the_manual_way(tmp_path):
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/files"
+    with pytest.raises(DownloadError) as caught:
+        fetch_dataset("owt", tmp_path, splits=["valid"], base_url=url, verbose=False)
+    message = str(caught.value)
+    assert f"{url}/owt_valid.txt.gz" in message and "refused" in message
+    assert f"copy the file to {tmp_path / 'owt_valid.txt.gz'}" in message
+
+
+def test_base_url_comes_from_the_environment(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("FNLM_DATA_BASE_URL", server.url)
+    fetch_dataset("tinystories", tmp_path, splits=["valid"], verbose=False)
+    assert [entry["name"] for entry in server.log] == ["TinyStoriesV2-GPT4-valid.txt"]
+
+
+def test_cli(server, tmp_path, capsys):
+    argv = ["data", "download", "tinystories", "--dest", str(tmp_path), "--base-url", server.url, "--quiet"]
+    assert main(argv + ["--split", "valid"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "TinyStoriesV2-GPT4-valid.txt")
+    assert main(argv[:-3] + ["--base-url", server.url + "/missing", "--quiet"]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
