@@ -7,6 +7,7 @@ optree sorts dict keys when flattening; never zip leaves of two flatteners, matc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,9 +20,11 @@ __all__ = [
     "PyTree",
     "flatten",
     "global_norm",
+    "tree_flatten",
     "tree_leaves",
     "tree_map",
     "tree_map_with_path",
+    "tree_unflatten",
     "unflatten",
     "zeros_like",
 ]
@@ -39,6 +42,16 @@ def tree_map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> P
 
 def tree_leaves(tree: PyTree) -> list[Any]:
     return optree.tree_leaves(tree)
+
+
+def tree_flatten(tree: PyTree) -> tuple[list[Any], Any]:
+    """(leaves, structure): for list-at-a-time (torch._foreach_*) work over a tree's leaves."""
+    return optree.tree_flatten(tree)
+
+
+def tree_unflatten(structure: Any, leaves: list[Any]) -> PyTree:
+    """The inverse of `tree_flatten`."""
+    return optree.tree_unflatten(structure, leaves)
 
 
 def flatten(tree: PyTree) -> dict[str, Any]:
@@ -70,8 +83,12 @@ def zeros_like(tree: PyTree) -> PyTree:
 
 
 def global_norm(tree: PyTree) -> torch.Tensor:
-    """The L2 norm of all leaves taken together, as a float32 0-d tensor."""
-    norms = [torch.linalg.vector_norm(leaf, dtype=torch.float32) for leaf in tree_leaves(tree)]
+    """The L2 norm of all leaves taken together, as a 0-d tensor of float32 (float64 if any leaf is)."""
+    leaves = tree_leaves(tree)
+    if not leaves:
+        return torch.zeros(())
+    dtype = functools.reduce(torch.promote_types, (leaf.dtype for leaf in leaves), torch.float32)
+    norms = torch._foreach_norm(leaves, 2, dtype=dtype)  # one multi-tensor kernel, not one per leaf
     return torch.linalg.vector_norm(torch.stack(norms))
 
 

@@ -96,7 +96,10 @@ def run_silu(in_features: Tensor) -> Tensor:
 
 
 def run_get_batch(dataset: npt.NDArray, batch_size: int, context_length: int, device: str) -> tuple[Tensor, Tensor]:
-    raise NotImplementedError("fnlm.data lands with the training issue")
+    from fnlm.data import get_batch
+
+    # The contract passes no generator: draw from torch's default one, as conventional code would.
+    return get_batch(dataset, batch_size, context_length, device, generator=torch.default_generator)
 
 
 def run_softmax(in_features: Tensor, dim: int) -> Tensor:
@@ -108,30 +111,41 @@ def run_cross_entropy(inputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def run_gradient_clipping(parameters: Iterable[torch.nn.Parameter], max_l2_norm: float) -> None:
-    raise NotImplementedError("gradient clipping lands with the training issue")
+    from fnlm.shims import clip_gradients_
+
+    clip_gradients_(parameters, max_l2_norm)
 
 
 def get_adamw_cls() -> type[torch.optim.Optimizer]:
-    raise NotImplementedError("the AdamW shim lands with the training issue")
+    from fnlm.shims import AdamW
+
+    return AdamW
 
 
 def run_get_lr_cosine_schedule(
     it: int, max_learning_rate: float, min_learning_rate: float, warmup_iters: int, cosine_cycle_iters: int
 ) -> float:
-    raise NotImplementedError("schedules land with the training issue")
+    from fnlm.optim import schedule_value, warmup_cosine_schedule
+
+    schedule = warmup_cosine_schedule(max_learning_rate, min_learning_rate, warmup_iters, cosine_cycle_iters)
+    return schedule_value(schedule, it)
 
 
 def run_save_checkpoint(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, iteration: int,
     out: str | os.PathLike | BinaryIO | IO[bytes],
 ) -> None:
-    raise NotImplementedError("checkpoints land with the training issue")
+    from fnlm.checkpoint import save_module_checkpoint
+
+    save_module_checkpoint(model, optimizer, iteration, out)
 
 
 def run_load_checkpoint(
     src: str | os.PathLike | BinaryIO | IO[bytes], model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> int:
-    raise NotImplementedError("checkpoints land with the training issue")
+    from fnlm.checkpoint import load_module_checkpoint
+
+    return load_module_checkpoint(src, model, optimizer)
 
 
 def get_tokenizer(

@@ -1,0 +1,51 @@
+"""Optimizers as pure state transitions, in optax's shape (see base.py).
+
+    optimizer = adamw(warmup_cosine_schedule(3e-4, 3e-5, 100, 5000), weight_decay=0.1, max_grad_norm=1.0)
+    opt_state = optimizer.init(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = apply_updates(params, updates)
+"""
+
+from .alias import adamw
+from .base import (
+    EmptyState,
+    GradientTransformation,
+    OptState,
+    apply_updates,
+    chain,
+    find_state,
+    replace_state,
+)
+from .schedules import Schedule, schedule_value, warmup_cosine_schedule
+from .transforms import (
+    ClipByGlobalNormState,
+    ScaleByAdamState,
+    ScaleByScheduleState,
+    add_decayed_weights,
+    clip_by_global_norm,
+    clip_factor,
+    scale_by_adam,
+    scale_by_learning_rate,
+)
+
+__all__ = [
+    "ClipByGlobalNormState",
+    "EmptyState",
+    "GradientTransformation",
+    "OptState",
+    "ScaleByAdamState",
+    "ScaleByScheduleState",
+    "Schedule",
+    "add_decayed_weights",
+    "adamw",
+    "apply_updates",
+    "chain",
+    "clip_by_global_norm",
+    "clip_factor",
+    "find_state",
+    "replace_state",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "schedule_value",
+    "warmup_cosine_schedule",
+]

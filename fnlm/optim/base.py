@@ -1,0 +1,97 @@
+"""The optimizer interface, in optax's shape: a GradientTransformation is a pair of pure functions.
+
+    init(params) -> state
+    update(updates, state, params=None) -> (updates, state)
+
+`updates` enter as gradients and leave as the step to add to the parameters (apply_updates);
+states are NamedTuples of tensors and pytrees, so they flatten into checkpoints like params do.
+No function here modifies an argument in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..tree import PyTree, tree_flatten, tree_leaves, tree_unflatten
+
+OptState = Any  # a NamedTuple, or a tuple of them for a chain
+
+
+class GradientTransformation(NamedTuple):
+    init: Callable[[PyTree], OptState]
+    update: Callable[..., tuple[PyTree, OptState]]  # (updates, state, params=None)
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transformation."""
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply `transforms` in order; the state is the tuple of their states."""
+
+    def init(params: PyTree) -> tuple[OptState, ...]:
+        return tuple(transform.init(params) for transform in transforms)
+
+    def update(updates: PyTree, state: tuple[OptState, ...], params: PyTree | None = None):
+        if len(state) != len(transforms):
+            raise ValueError(f"chain of {len(transforms)} transformations got a state of {len(state)}")
+        new_state = []
+        for transform, inner in zip(transforms, state):
+            updates, inner = transform.update(updates, inner, params)
+            new_state.append(inner)
+        return updates, tuple(new_state)
+
+    return GradientTransformation(init, update)
+
+
+def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
+    """params + updates, leafwise, out of place."""
+    leaves, structure = tree_flatten(params)
+    return tree_unflatten(structure, torch._foreach_add(leaves, tree_leaves(updates)))
+
+
+def find_state(state: OptState, kind: type) -> Any | None:
+    """The first sub-state of type `kind` in a (chained) state, or None."""
+    if isinstance(state, kind):
+        return state
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):  # a chain's plain tuple
+        for inner in state:
+            found = find_state(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
+def replace_state(state: OptState, kind: type, new: Any) -> OptState:
+    """`state` with every sub-state of type `kind` replaced by `new` (the shims' bridge)."""
+    if isinstance(state, kind):
+        return new
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        return tuple(replace_state(inner, kind, new) for inner in state)
+    return state
+
+
+def map_leaves(fn: Callable[[list[Tensor]], list[Tensor]], tree: PyTree) -> PyTree:
+    """Rebuild `tree` from fn(its leaves as one list): the bridge to torch._foreach_* ops."""
+    leaves, structure = tree_flatten(tree)
+    return tree_unflatten(structure, fn(leaves))
+
+
+def zero_count(params: PyTree) -> Tensor:
+    """A 0-d int32 step counter on the parameters' device (CPU for an empty tree)."""
+    leaves = tree_leaves(params)
+    return torch.zeros((), dtype=torch.int32, device=leaves[0].device if leaves else "cpu")
+
+
+def hyperparameter(name: str, value: Any, expected: str, ok: Callable[[float], bool]) -> float:
+    """`value` as a float, or a TypeError (not a number) / ValueError (not `expected`) naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if math.isnan(value) or not ok(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)

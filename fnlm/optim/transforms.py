@@ -1,0 +1,146 @@
+"""Gradient transformations: clipping, Adam's moments, decoupled weight decay, the learning rate.
+
+Each works on a tree's leaves as one list with torch._foreach_* ops (one multi-tensor kernel per
+operation in eager mode, instead of one kernel per leaf; inductor fuses either under compile).
+Temporaries created here may be updated in place; arguments never are.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..tree import PyTree, global_norm, tree_flatten, tree_leaves, tree_unflatten, zeros_like
+from .base import EmptyState, GradientTransformation, hyperparameter, map_leaves, zero_count
+from .schedules import Schedule
+
+CLIP_EPS = 1e-6  # the handout's (and torch's) epsilon in max_norm / (norm + eps)
+
+
+class ClipByGlobalNormState(NamedTuple):
+    grad_norm: Tensor  # 0-d float32: the global norm of the last update's gradients, before clipping
+
+
+def clip_factor(norm: Tensor, max_norm: float) -> Tensor:
+    """max_norm / (norm + 1e-6) where norm > max_norm, else 1: a tensor select, not a Python branch."""
+    return torch.where(norm > max_norm, max_norm / (norm + CLIP_EPS), torch.ones_like(norm))
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scale all updates together so that their global L2 norm is at most `max_norm`.
+
+    The pre-clip norm stays in the state, so a training step can log it without a second pass.
+    """
+    max_norm = hyperparameter("max_norm", max_norm, "> 0", lambda v: v > 0)
+
+    def init(params: PyTree) -> ClipByGlobalNormState:
+        return ClipByGlobalNormState(torch.zeros((), device=zero_count(params).device))
+
+    def update(updates: PyTree, state: ClipByGlobalNormState, params: PyTree | None = None):
+        norm = global_norm(updates)
+        scale = clip_factor(norm, max_norm)
+        clipped = map_leaves(lambda leaves: torch._foreach_mul(leaves, scale), updates)
+        return clipped, ClipByGlobalNormState(norm.float())
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByAdamState(NamedTuple):
+    count: Tensor  # 0-d int32: the number of updates so far
+    mu: PyTree  # first-moment estimate, shaped like params
+    nu: PyTree  # second-moment estimate, shaped like params
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """g -> m_hat / (sqrt(v_hat) + eps): Adam's bias-corrected direction, before the learning rate.
+
+    The moments follow torch.optim.AdamW's arithmetic (m.lerp(g, 1 - b1), v * b2 + (1 - b2) g^2),
+    so float64 runs agree with it to rounding.
+    """
+    b1 = hyperparameter("b1", b1, "in [0, 1)", lambda v: 0 <= v < 1)
+    b2 = hyperparameter("b2", b2, "in [0, 1)", lambda v: 0 <= v < 1)
+    eps = hyperparameter("eps", eps, ">= 0", lambda v: v >= 0)
+
+    def init(params: PyTree) -> ScaleByAdamState:
+        return ScaleByAdamState(zero_count(params), zeros_like(params), zeros_like(params))
+
+    def update(updates: PyTree, state: ScaleByAdamState, params: PyTree | None = None):
+        grads, structure = tree_flatten(updates)
+        mu = torch._foreach_lerp(tree_leaves(state.mu), grads, 1 - b1)
+        nu = torch._foreach_mul(tree_leaves(state.nu), b2)
+        torch._foreach_addcmul_(nu, grads, grads, value=1 - b2)
+        count = state.count + 1
+        dtype = functools.reduce(torch.promote_types, (m.dtype for m in mu), torch.float32)
+        correction1, correction2 = (_bias_correction(b, count, dtype) for b in (b1, b2))
+        denom = torch._foreach_sqrt(nu)
+        torch._foreach_mul_(denom, correction2.rsqrt())  # sqrt(v_hat)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_mul_(denom, correction1)
+        directions = torch._foreach_div(mu, denom)  # (m / c1) / (sqrt(v / c2) + eps)
+        new_state = ScaleByAdamState(count, tree_unflatten(structure, mu), tree_unflatten(structure, nu))
+        return tree_unflatten(structure, directions), new_state
+
+    return GradientTransformation(init, update)
+
+
+def _bias_correction(decay: float, count: Tensor, dtype: torch.dtype) -> Tensor:
+    """1 - decay^count as -expm1(count log decay): exact to rounding even in float32 at count 1."""
+    log_decay = math.log(decay) if decay > 0 else -math.inf  # decay 0: no correction needed (1)
+    return -torch.expm1(count.to(dtype) * log_decay)
+
+
+def add_decayed_weights(
+    weight_decay: float, mask: PyTree | Callable[[PyTree], PyTree] | None = None
+) -> GradientTransformation:
+    """u -> u + weight_decay * params on the leaves where `mask` is True (every leaf by default).
+
+    `mask` is a tree of bools shaped like params, or a function params -> such a tree.
+    """
+    weight_decay = hyperparameter("weight_decay", weight_decay, ">= 0", lambda v: v >= 0)
+
+    def update(updates: PyTree, state: EmptyState, params: PyTree | None = None):
+        if params is None:
+            raise ValueError("add_decayed_weights needs params: call update(updates, state, params)")
+        if weight_decay == 0:
+            return updates, state
+        leaves, structure = tree_flatten(updates)
+        param_leaves = tree_leaves(params)
+        decays = [True] * len(leaves) if mask is None else tree_leaves(mask(params) if callable(mask) else mask)
+        if len(decays) != len(leaves) or not all(isinstance(d, bool) for d in decays):
+            raise ValueError(f"mask must be a tree of {len(leaves)} bools shaped like params")
+        chosen = [i for i, decays_leaf in enumerate(decays) if decays_leaf]
+        decayed = torch._foreach_add([leaves[i] for i in chosen], [param_leaves[i] for i in chosen], alpha=weight_decay)
+        for i, leaf in zip(chosen, decayed):
+            leaves[i] = leaf
+        return tree_unflatten(structure, leaves), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
+class ScaleByScheduleState(NamedTuple):
+    count: Tensor  # 0-d int32: the schedule's step, the number of updates so far
+
+
+def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransformation:
+    """u -> -lr * u (a descent step). `learning_rate` is a float or a schedule of the step count."""
+    if not callable(learning_rate):
+        lr = hyperparameter("learning_rate", learning_rate, ">= 0", lambda v: v >= 0)
+
+        def scale(updates: PyTree, state: EmptyState, params: PyTree | None = None):
+            return map_leaves(lambda leaves: torch._foreach_mul(leaves, -lr), updates), state
+
+        return GradientTransformation(lambda params: EmptyState(), scale)
+
+    def init(params: PyTree) -> ScaleByScheduleState:
+        return ScaleByScheduleState(zero_count(params))
+
+    def update(updates: PyTree, state: ScaleByScheduleState, params: PyTree | None = None):
+        neg_lr = -learning_rate(state.count)
+        return map_leaves(lambda leaves: torch._foreach_mul(leaves, neg_lr), updates), ScaleByScheduleState(state.count + 1)
+
+    return GradientTransformation(init, update)
