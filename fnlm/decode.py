@@ -150,9 +150,10 @@ def cached_lm(params: PyTree, token_ids: Tensor, cache: KVCache, cfg: ModelConfi
 
     Row b's new tokens sit at positions L - pad[b] ... and attend to its non-padding slots up to
     their own, so the logits equal transformer_lm's on each row's unpadded sequence.
-    The cache grows by concatenation: measured on CPU against index_copy into a preallocated
-    (B, H, C, Dh) buffer it is as fast or faster (benchmarks/bench_generate.py --help), and it
-    needs no capacity or fill counter beside the tensors.
+    The cache grows by concatenation rather than by an out-of-place index_copy into a
+    preallocated (B, H, C, Dh) buffer, which copies the whole buffer at every step: at the
+    TinyStories shapes over 256 steps, growth plus attention took 0.5-1.0 ms a step against
+    0.7-1.4 ms for the buffer on 2 CPU threads (even at 16), and it needs no fill counter.
     """
     check_token_ids(token_ids, cfg)
     num_read, num_new = cache.layers[0]["keys"].shape[-2], token_ids.shape[-1]
