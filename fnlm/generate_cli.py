@@ -1,0 +1,128 @@
+"""`fnlm generate`: complete a prompt with a trained checkpoint, streaming the text as it comes.
+
+    fnlm generate --checkpoint runs/ts/ckpt.pt --tokenizer tok/ --prompt "Once upon a time"
+    fnlm generate ... --temperature 0.8 --top-p 0.9 --num-samples 3 --seed 7
+
+The tokenizer directory holds vocab.json and merges.txt (GPT-2's format, as Tokenizer.save
+writes them). Sample i draws from its own generator seeded with seed + i, so any one sample can
+be reproduced alone with --seed SEED+i --num-samples 1. A sample stops at the --eos token or after
+--max-new-tokens. Output is the prompt and its completion on stdout; notes go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol, TextIO
+
+EXIT_USAGE = 2
+
+
+class TextDecoder(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="complete a prompt with a trained checkpoint", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, metavar="PATH", help="a checkpoint written by fnlm train")
+    parser.add_argument("--tokenizer", type=Path, required=True, metavar="DIR", help="directory with vocab.json and merges.txt")
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="the text to complete")
+    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most tokens per sample (default 256)")
+    parser.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 is greedy (default 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass in (0, 1] (default 1: off)")
+    parser.add_argument("--seed", type=int, default=0, metavar="SEED", help="sample i uses seed + i (default 0)")
+    parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions of the prompt (default 1)")
+    parser.add_argument("--eos", default="<|endoftext|>", metavar="TOKEN",
+                        help="special token that ends a sample (default <|endoftext|>; '' for none)")
+    parser.add_argument("--device", default="cpu", metavar="DEVICE", help="torch device (default cpu)")
+    parser.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    try:
+        return generate_samples(args, out=sys.stdout, notes=sys.stderr)
+    except (ValueError, TypeError, OSError) as error:  # bad arguments or files: say what, no traceback
+        print(f"fnlm generate: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def generate_samples(args: argparse.Namespace, *, out: TextIO, notes: TextIO) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .decode import check_temperature, check_top_p, generate_steps
+    from .tokenizer import Tokenizer
+
+    check_temperature(args.temperature)
+    check_top_p(args.top_p)
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    tokenizer = Tokenizer.from_files(
+        args.tokenizer / "vocab.json", args.tokenizer / "merges.txt", special_tokens=[args.eos] if args.eos else None
+    )
+    checkpoint = load_checkpoint(args.checkpoint, map_location=args.device)
+    cfg = checkpoint.model_config
+    if len(tokenizer.vocab) > cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer in {args.tokenizer} has {len(tokenizer.vocab)} tokens (with {args.eos!r}), more than "
+            f"the model's vocab_size {cfg.vocab_size}: is it the tokenizer this checkpoint was trained with?"
+        )
+    eos_id = tokenizer.encode(args.eos)[0] if args.eos else None
+
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise ValueError(f"the prompt is empty; to sample without one, pass --prompt '{args.eos or '<|endoftext|>'}'")
+    if len(prompt_ids) > cfg.context_length:
+        print(f"warning: the prompt has {len(prompt_ids)} tokens, more than the model's context of "
+              f"{cfg.context_length}; keeping its last {cfg.context_length}", file=notes)
+    elif len(prompt_ids) + args.max_new_tokens > cfg.context_length:
+        print(f"note: the model reads at most {cfg.context_length} tokens; past that its window hops "
+              f"forward by half a context (fnlm.decode.window_start)", file=notes)
+
+    for sample in range(args.num_samples):
+        seed = args.seed + sample
+        if sample:
+            out.write("\n")
+        if args.num_samples > 1:
+            print(f"=== sample {sample + 1} of {args.num_samples} (seed {seed}) ===", file=out)
+        steps = generate_steps(
+            checkpoint.params, cfg, [prompt_ids], max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, eos_id=eos_id,
+            generator=[torch.Generator().manual_seed(seed)], truncate_prompt=True,
+        )
+        out.write(args.prompt)
+        tokens = (step[0] for step in steps if step[0] not in (None, eos_id))
+        for piece in stream_text(tokenizer, tokens):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+    return 0
+
+
+def stream_text(tokenizer: TextDecoder, token_ids: Iterable[int]) -> Iterator[str]:
+    """The text of token_ids, piece by piece as they arrive.
+
+    A token may end inside a multi-byte UTF-8 character, which decodes to U+FFFD until the next
+    token completes it. So each step decodes all ids so far and holds back trailing U+FFFD; the
+    printed text is then always a prefix of the final text, each character printed once, whole.
+    """
+    ids: list[int] = []
+    shown = 0  # characters yielded so far
+    for token in token_ids:
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        complete = len(text.rstrip("\ufffd"))
+        if complete > shown:
+            yield text[shown:complete]
+            shown = complete
+    text = tokenizer.decode(ids)  # what is still held back is really U+FFFD: bytes that never completed
+    if len(text) > shown:
+        yield text[shown:]
