@@ -25,7 +25,7 @@ from torch import Tensor
 from .config import ModelConfig
 from .model import check_token_ids, output_logits, residual_block, transformer_lm
 from .nn import attention_heads, attention_output, embedding, scaled_dot_product_attention, softmax
-from .tree import PyTree, tree_leaves, tree_map
+from .tree import PyTree, tree_map
 
 # -- samplers --------------------------------------------------------------------------------------
 
@@ -214,7 +214,7 @@ def window_start(length: int, context_length: int) -> int:
     if length <= context_length:
         return 0
     hop = max(1, context_length // 2)
-    return hop * -(-(length - context_length) // hop)  # the first multiple of hop that fits
+    return hop * -(-(length - context_length) // hop)  # ceil((length - C) / hop) hops
 
 
 # -- generation ------------------------------------------------------------------------------------

@@ -250,6 +250,13 @@ def test_generate_steps_streams_each_prompt_and_marks_finished_ones(params):
     assert [step[0] for step in steps][2:] == [None] * (len(steps) - 2)
 
 
+def test_trainable_params_decode_and_grad_mode_is_left_alone_between_steps(params):
+    trainable = tree_map(lambda leaf: leaf.detach().requires_grad_(), params)
+    steps = generate_steps(trainable, TINY, [[1, 2]], max_new_tokens=3, temperature=0)
+    assert next(steps) is not None and torch.is_grad_enabled()  # no_grad holds only inside a step
+    assert len(list(steps)) == 2 and torch.is_grad_enabled()
+
+
 def test_tensors_of_prompts_are_accepted(params):
     batch = torch.tensor([[1, 2, 3], [4, 5, 6]])
     expected = generate(params, TINY, batch.tolist(), max_new_tokens=4, temperature=0)
