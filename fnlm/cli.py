@@ -11,6 +11,7 @@ from . import __version__
 
 COMMANDS: tuple[str, ...] = (
     "fnlm.download",
+    "fnlm.tokenizer.cli",
     "fnlm.generate_cli",
 )
 

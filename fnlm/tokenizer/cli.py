@@ -1,0 +1,98 @@
+"""`fnlm train-bpe` and `fnlm tokenize`.
+
+    fnlm train-bpe corpus.txt --vocab-size 10000 --special-token '<|endoftext|>' --out tok/
+    fnlm tokenize --tokenizer tok/ corpus.txt corpus.npy
+
+train-bpe writes vocab.json and merges.txt (GPT-2's format), special_tokens.json and
+stats.json (wall time, peak RSS, longest token); tokenize writes a .npy token array (uint16,
+or uint32 for vocabularies past 65,536 ids) that np.load(..., mmap_mode="r") maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from . import gpt2
+from .encode_file import encode_file
+from .tokenizer import Tokenizer
+from .train_bpe import train_bpe
+
+SPECIAL_TOKENS_FILE = "special_tokens.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train-bpe", help="train a byte-level BPE tokenizer on a UTF-8 text file",
+                                  description=run_train_bpe.__doc__)
+    train.add_argument("input", type=Path, help="UTF-8 text file")
+    train.add_argument("--vocab-size", type=int, required=True, help="special tokens + 256 bytes + merges")
+    train.add_argument("--special-token", action="append", default=[], dest="special_tokens", metavar="TOKEN",
+                       help="a special token (repeatable), e.g. '<|endoftext|>'")
+    train.add_argument("--out", type=Path, required=True, help="directory for the tokenizer files")
+    train.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
+    train.add_argument("--quiet", action="store_true", help="no progress line")
+    train.set_defaults(run=run_train_bpe)
+
+    tokenize = subparsers.add_parser("tokenize", help="encode a UTF-8 text file into a .npy token array",
+                                     description=run_tokenize.__doc__)
+    tokenize.add_argument("--tokenizer", type=Path, required=True, metavar="DIR",
+                          help="directory with vocab.json and merges.txt")
+    tokenize.add_argument("input", type=Path, help="UTF-8 text file")
+    tokenize.add_argument("output", type=Path, help="the .npy file to write")
+    tokenize.add_argument("--special-token", action="append", default=None, dest="special_tokens", metavar="TOKEN",
+                          help=f"a special token (repeatable; default: DIR/{SPECIAL_TOKENS_FILE} if present)")
+    tokenize.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    tokenize.add_argument("--quiet", action="store_true", help="no progress line")
+    tokenize.set_defaults(run=run_tokenize)
+
+
+def run_train_bpe(args: argparse.Namespace) -> int:
+    """Train a byte-level BPE tokenizer; write vocab.json, merges.txt, special_tokens.json and
+    stats.json into --out."""
+    start = time.perf_counter()
+    vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens,
+                              num_workers=args.workers, progress=not args.quiet)
+    wall = time.perf_counter() - start
+    gpt2.save(args.out, vocab, merges)
+    (args.out / SPECIAL_TOKENS_FILE).write_text(json.dumps(args.special_tokens) + "\n", encoding="utf-8")
+    specials = {token.encode("utf-8") for token in args.special_tokens}
+    longest = max((token for token in vocab.values() if token not in specials), key=len)
+    stats = {
+        "input": str(args.input),
+        "input_bytes": os.path.getsize(args.input),
+        "vocab_size": len(vocab),
+        "merges": len(merges),
+        "wall_seconds": round(wall, 3),
+        "peak_rss_mb": round(_peak_rss_mb(resource.RUSAGE_SELF), 1),
+        "peak_rss_worker_mb": round(_peak_rss_mb(resource.RUSAGE_CHILDREN), 1),
+        "longest_token": longest.decode("utf-8", errors="replace"),
+        "longest_token_bytes": len(longest),
+    }
+    (args.out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(json.dumps(stats, ensure_ascii=False))
+    return 0
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    """Encode a UTF-8 text file with a trained tokenizer, in parallel over chunks, into a .npy array."""
+    special_tokens = args.special_tokens
+    if special_tokens is None and (args.tokenizer / SPECIAL_TOKENS_FILE).exists():
+        special_tokens = json.loads((args.tokenizer / SPECIAL_TOKENS_FILE).read_text(encoding="utf-8"))
+    tokenizer = Tokenizer.from_files(args.tokenizer / "vocab.json", args.tokenizer / "merges.txt", special_tokens)
+    start = time.perf_counter()
+    count = encode_file(tokenizer, args.input, args.output, num_workers=args.workers, progress=not args.quiet)
+    wall = time.perf_counter() - start
+    size = os.path.getsize(args.input)
+    print(json.dumps({"tokens": count, "input_bytes": size, "wall_seconds": round(wall, 3),
+                      "mb_per_second": round(size / 1e6 / wall, 2), "bytes_per_token": round(size / max(count, 1), 3)}))
+    return 0
+
+
+def _peak_rss_mb(who: int) -> float:
+    """The peak resident set of this process (RUSAGE_SELF) or of its largest child."""
+    return resource.getrusage(who).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)

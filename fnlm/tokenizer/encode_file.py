@@ -1,0 +1,59 @@
+"""Encode a text file into a .npy token array, in parallel over chunks (`fnlm tokenize`)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..progress import Progress
+from .pretokenize import chunk_boundaries, map_chunks, read_chunk
+from .tokenizer import Tokenizer
+
+
+def token_dtype(tokenizer: Tokenizer) -> np.dtype:
+    """uint16 if every id fits, else uint32."""
+    return np.dtype(np.uint16 if max(tokenizer.vocab) < 1 << 16 else np.uint32)
+
+
+def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, output_path: str | os.PathLike, *,
+                num_workers: int | None = None, progress: bool = True) -> int:
+    """Write the ids of a UTF-8 file as a 1-D .npy array; returns how many there are.
+
+    The file is cut into ~1 MB chunks at cuts (pretokenize.py), so chunks encode independently
+    yet add up to tokenizer.encode(whole text); `num_workers` processes (default: all cores)
+    encode them and this one writes them in order. The array appears under `output_path` only
+    when complete.
+    """
+    dtype = token_dtype(tokenizer)
+    bounds = chunk_boundaries(input_path, tokenizer.special_tokens)
+    output_path = Path(output_path)
+    partial = output_path.with_name(output_path.name + ".part")
+    count = 0
+    with open(partial, "wb") as out, Progress("tokenize", total=bounds[-1], unit="B", enabled=progress) as bar:
+        out.write(_npy_header(dtype, 0))  # rewritten below with the final length
+        for size, ids in map_chunks(_encode_chunk, (tokenizer, input_path, dtype), bounds, num_workers, ordered=True):
+            out.write(ids.tobytes())
+            count += len(ids)
+            bar.update(size, tokens=count)
+        out.seek(0)
+        out.write(_npy_header(dtype, count))
+    os.replace(partial, output_path)
+    return count
+
+
+def _encode_chunk(tokenizer: Tokenizer, path: str | os.PathLike, dtype: np.dtype, start: int, end: int) -> np.ndarray:
+    return np.array(tokenizer.encode(read_chunk(path, start, end)), dtype=dtype)
+
+
+def _npy_header(dtype: np.dtype, length: int) -> bytes:
+    """The .npy header of a 1-D array; numpy pads it to 128 bytes whatever the length (up to
+    20 digits), so the final header overwrites the placeholder exactly."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (length,)}
+    )
+    assert len(header.getvalue()) == 128, "unexpected .npy header size"
+    return header.getvalue()

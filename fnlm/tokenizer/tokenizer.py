@@ -1,0 +1,162 @@
+"""The BPE Tokenizer (handout section 2.6): encode, encode_iterable, decode, GPT-2 files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import chain, islice, repeat
+
+from . import gpt2
+from .pretokenize import last_cut, pretokenize, special_pattern
+
+STREAM_BLOCK = 1 << 12  # characters encode_iterable gathers before it encodes (amortizes a call)
+
+
+class Tokenizer:
+    """Byte-level BPE with special tokens.
+
+    vocab: {id: token bytes}, holding all 256 single bytes; merges: (left, right) token pairs in
+    priority order, each part and their concatenation in vocab; special_tokens: strings encoded
+    as one id each (added to the vocabulary if absent) and never split; where they overlap, the
+    longest match wins. The ids of up to `cache_size` recent pre-tokens are cached.
+    """
+
+    def __init__(self, vocab: Mapping[int, bytes], merges: Sequence[tuple[bytes, bytes]],
+                 special_tokens: Sequence[str] | None = None, *, cache_size: int = 1 << 16) -> None:
+        self.vocab: dict[int, bytes] = _check_vocab(vocab)
+        self.special_tokens: list[str] = _check_special_tokens(special_tokens)
+        gpt2.check_merges(self.vocab, merges, where=lambda i: f"merges[{i}]")
+        self.merges: list[tuple[bytes, bytes]] = list(merges)
+        ids = {token: i for i, token in self.vocab.items()}
+        for token in map(str.encode, self.special_tokens):
+            if token not in ids:
+                ids[token] = max(self.vocab) + 1
+                self.vocab[ids[token]] = token
+        self._special_ids = {token: ids[token.encode("utf-8")] for token in self.special_tokens}
+        self._specials = special_pattern(self.special_tokens, capture=True)
+        self._byte_ids = [ids[bytes([b])] for b in range(256)]
+        self._ranks = {(ids[a], ids[b]): rank for rank, (a, b) in enumerate(self.merges)}  # (left id, right id) -> rank
+        self._merged = [ids[a + b] for a, b in self.merges]  # rank -> id of the merged token
+        self._cache = _Cache(self._bpe, cache_size)
+
+    @classmethod
+    def from_files(cls, vocab_filepath: str | os.PathLike, merges_filepath: str | os.PathLike,
+                   special_tokens: Sequence[str] | None = None, **kwargs: int) -> Tokenizer:
+        """Load GPT-2 style vocab.json and merges.txt (see gpt2.py); errors name the file and line."""
+        vocab = gpt2.load_vocab(vocab_filepath)
+        merges, lines = gpt2.load_merges(merges_filepath)
+        gpt2.check_merges(vocab, merges, where=lambda i: f"{merges_filepath}:{lines[i]}")
+        return cls(vocab, merges, special_tokens, **kwargs)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write vocab.json and merges.txt (GPT-2's format) into `directory`."""
+        gpt2.save(directory, self.vocab, self.merges)
+
+    def encode(self, text: str) -> list[int]:
+        """The token ids of `text`."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        ids: list[int] = []
+        if self._specials is None:
+            self._encode_ordinary(text, ids)
+            return ids
+        for i, part in enumerate(self._specials.split(text)):
+            if i % 2:
+                ids.append(self._special_ids[part])
+            elif part:
+                self._encode_ordinary(part, ids)
+        return ids
+
+    def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
+        """Lazily the ids of "".join(iterable), whatever the chunking, in constant memory.
+
+        Text is encoded up to the last cut of what has arrived (pretokenize.last_cut: a point
+        that no later text can change, so a chunk may end inside a word or a special token);
+        the rest waits for the next chunk. No threads and no buffers beyond a few kB.
+        """
+        buffer = ""
+        for chunk in iterable:
+            if not isinstance(chunk, str):
+                raise TypeError(f"encode_iterable takes an iterable of str, got a {type(chunk).__name__}")
+            buffer += chunk
+            if len(buffer) >= STREAM_BLOCK and (cut := last_cut(buffer, self.special_tokens)):
+                yield from self.encode(buffer[:cut])
+                buffer = buffer[cut:]
+        yield from self.encode(buffer)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of token ids; bytes that are not valid UTF-8 become U+FFFD."""
+        vocab = self.vocab
+        try:
+            data = b"".join([vocab[i] for i in ids])
+        except KeyError as error:
+            raise ValueError(f"token id {error.args[0]!r} is not in the vocabulary "
+                             f"(ids 0..{max(vocab)})") from None
+        except TypeError:
+            raise TypeError(f"decode takes an iterable of int token ids, got {ids!r:.80}") from None
+        return data.decode("utf-8", errors="replace")
+
+    def _encode_ordinary(self, text: str, ids: list[int]) -> None:
+        """Append the ids of text without special tokens, pre-token by pre-token via the cache
+        (map and chain keep the per-pre-token loop in C; misses call _bpe)."""
+        ids += chain.from_iterable(map(self._cache.__getitem__, pretokenize(text)))
+
+    def _bpe(self, piece: str) -> list[int]:
+        """The ids of one pre-token: merge the leftmost of its pairs with the best rank, until
+        no pair has one (one merge at a time; for merges in training order that is the same as
+        applying each merge everywhere in turn)."""
+        ids = list(map(self._byte_ids.__getitem__, piece.encode("utf-8")))
+        rank, merged = self._ranks.get, self._merged
+        never = len(merged)  # the rank of a pair that has no merge
+        pair_ranks = list(map(rank, zip(ids, ids[1:]), repeat(never)))
+        while pair_ranks and (best := min(pair_ranks)) < never:
+            i = pair_ranks.index(best)
+            ids[i] = merged[best]
+            del ids[i + 1], pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = rank((ids[i - 1], ids[i]), never)
+            if i < len(pair_ranks):
+                pair_ranks[i] = rank((ids[i], ids[i + 1]), never)
+        return ids
+
+
+class _Cache(dict):
+    """pre-token -> ids, at most `size` entries; `fill` computes a miss. When full, the older
+    half goes (dicts keep insertion order), so recent pre-tokens stay."""
+
+    def __init__(self, fill: Callable[[str], list[int]], size: int) -> None:
+        super().__init__()
+        self.fill, self.size = fill, max(size, 2)
+
+    def __missing__(self, piece: str) -> list[int]:
+        if len(self) >= self.size:
+            for old in list(islice(self, self.size // 2)):
+                del self[old]
+        ids = self[piece] = self.fill(piece)
+        return ids
+
+
+def _check_vocab(vocab: Mapping[int, bytes]) -> dict[int, bytes]:
+    """A copy of vocab; TypeError/ValueError for bad entries, repeated tokens or missing bytes."""
+    if not isinstance(vocab, Mapping):
+        raise TypeError(f"vocab must be a mapping {{id: bytes}}, got {type(vocab).__name__}")
+    first: dict[bytes, int] = {}
+    for i, token in vocab.items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0 or not isinstance(token, bytes):
+            raise TypeError(f"vocab must map non-negative int ids to bytes, got {i!r}: {token!r}")
+        if token in first:
+            raise ValueError(f"vocab: token {token!r} has two ids, {first[token]} and {i}")
+        first[token] = i
+    missing = [b for b in range(256) if bytes([b]) not in first]
+    if missing:
+        raise ValueError(f"vocab lacks {len(missing)} of the 256 single bytes (first: {bytes([missing[0]])!r}); "
+                         "a byte-level BPE vocabulary needs all of them")
+    return dict(vocab)
+
+
+def _check_special_tokens(special_tokens: Sequence[str] | None) -> list[str]:
+    if special_tokens is None:
+        return []
+    if isinstance(special_tokens, str) or not all(isinstance(t, str) and t for t in special_tokens):
+        raise TypeError(f"special_tokens must be a list of non-empty str, got {special_tokens!r}")
+    return list(dict.fromkeys(special_tokens))
