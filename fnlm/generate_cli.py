@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 class TextDecoder(Protocol):
@@ -49,6 +50,9 @@ def run_generate(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as error:  # bad arguments or files: say what, no traceback
         print(f"fnlm generate: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # stopping a long sample early is normal use
+        print(file=sys.stdout)
+        return EXIT_INTERRUPTED
 
 
 def generate_samples(args: argparse.Namespace, *, out: TextIO, notes: TextIO) -> int:
@@ -71,7 +75,7 @@ def generate_samples(args: argparse.Namespace, *, out: TextIO, notes: TextIO) ->
     cfg = checkpoint.model_config
     if len(tokenizer.vocab) > cfg.vocab_size:
         raise ValueError(
-            f"the tokenizer in {args.tokenizer} has {len(tokenizer.vocab)} tokens (with {args.eos!r}), more than "
+            f"the tokenizer in {args.tokenizer} has {len(tokenizer.vocab)} tokens (--eos included), more than "
             f"the model's vocab_size {cfg.vocab_size}: is it the tokenizer this checkpoint was trained with?"
         )
     eos_id = tokenizer.encode(args.eos)[0] if args.eos else None
