@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from itertools import chain, islice, repeat
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from itertools import chain, filterfalse, islice
 
 from . import gpt2
+from .bpe import Merger
 from .pretokenize import last_cut, pretokenize, special_pattern
 
 STREAM_BLOCK = 1 << 12  # characters encode_iterable gathers before it encodes (amortizes a call)
@@ -22,7 +23,7 @@ class Tokenizer:
     """
 
     def __init__(self, vocab: Mapping[int, bytes], merges: Sequence[tuple[bytes, bytes]],
-                 special_tokens: Sequence[str] | None = None, *, cache_size: int = 1 << 16) -> None:
+                 special_tokens: Sequence[str] | None = None, *, cache_size: int = 1 << 17) -> None:
         self.vocab: dict[int, bytes] = _check_vocab(vocab)
         self.special_tokens: list[str] = _check_special_tokens(special_tokens)
         gpt2.check_merges(self.vocab, merges, where=lambda i: f"merges[{i}]")
@@ -34,10 +35,8 @@ class Tokenizer:
                 self.vocab[ids[token]] = token
         self._special_ids = {token: ids[token.encode("utf-8")] for token in self.special_tokens}
         self._specials = special_pattern(self.special_tokens, capture=True)
-        self._byte_ids = [ids[bytes([b])] for b in range(256)]
-        self._ranks = {(ids[a], ids[b]): rank for rank, (a, b) in enumerate(self.merges)}  # (left id, right id) -> rank
-        self._merged = [ids[a + b] for a, b in self.merges]  # rank -> id of the merged token
-        self._cache = _Cache(self._bpe, cache_size)
+        merger = Merger([ids[bytes([b])] for b in range(256)], [(ids[a], ids[b], ids[a + b]) for a, b in self.merges])
+        self._cache = _Cache(merger, cache_size)
 
     @classmethod
     def from_files(cls, vocab_filepath: str | os.PathLike, merges_filepath: str | os.PathLike,
@@ -57,14 +56,15 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         ids: list[int] = []
-        if self._specials is None:
-            self._encode_ordinary(text, ids)
-            return ids
-        for i, part in enumerate(self._specials.split(text)):
-            if i % 2:
-                ids.append(self._special_ids[part])
-            elif part:
-                self._encode_ordinary(part, ids)
+        block: list[list[str] | int] = []
+        size = 0
+        for item in self._items(text):
+            block.append(item)
+            size += 1 if isinstance(item, int) else len(item)
+            if size >= self._cache.size // 2:
+                self._encode_block(block, ids)
+                block, size = [], 0
+        self._encode_block(block, ids)
         return ids
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
@@ -96,44 +96,47 @@ class Tokenizer:
             raise TypeError(f"decode takes an iterable of int token ids, got {ids!r:.80}") from None
         return data.decode("utf-8", errors="replace")
 
-    def _encode_ordinary(self, text: str, ids: list[int]) -> None:
-        """Append the ids of text without special tokens, pre-token by pre-token via the cache
-        (map and chain keep the per-pre-token loop in C; misses call _bpe)."""
-        ids += chain.from_iterable(map(self._cache.__getitem__, pretokenize(text)))
+    def _items(self, text: str) -> Iterator[list[str] | int]:
+        """The text as pre-token lists (of at most half the cache) and special-token ids, in order."""
+        step = self._cache.size // 2
+        for i, part in enumerate(self._specials.split(text) if self._specials is not None else [text]):
+            if i % 2:
+                yield self._special_ids[part]
+            elif part:
+                pieces = pretokenize(part)
+                yield from (pieces[start : start + step] for start in range(0, len(pieces), step))
 
-    def _bpe(self, piece: str) -> list[int]:
-        """The ids of one pre-token: merge the leftmost of its pairs with the best rank, until
-        no pair has one (one merge at a time; for merges in training order that is the same as
-        applying each merge everywhere in turn)."""
-        ids = list(map(self._byte_ids.__getitem__, piece.encode("utf-8")))
-        rank, merged = self._ranks.get, self._merged
-        never = len(merged)  # the rank of a pair that has no merge
-        pair_ranks = list(map(rank, zip(ids, ids[1:]), repeat(never)))
-        while pair_ranks and (best := min(pair_ranks)) < never:
-            i = pair_ranks.index(best)
-            ids[i] = merged[best]
-            del ids[i + 1], pair_ranks[i]
-            if i > 0:
-                pair_ranks[i - 1] = rank((ids[i - 1], ids[i]), never)
-            if i < len(pair_ranks):
-                pair_ranks[i] = rank((ids[i], ids[i + 1]), never)
-        return ids
+    def _encode_block(self, items: list[list[str] | int], ids: list[int]) -> None:
+        """Append the ids of items holding at most ~half the cache's worth of pre-tokens: merge the
+        misses of the whole block together (bpe.Merger.many), then look every pre-token up in C."""
+        cache = self._cache
+        pieces = set(chain.from_iterable(item for item in items if not isinstance(item, int)))
+        cache.add(list(filterfalse(cache.__contains__, pieces)))
+        for item in items:
+            if isinstance(item, int):
+                ids.append(item)
+            else:
+                ids += chain.from_iterable(map(cache.__getitem__, item))
 
 
 class _Cache(dict):
-    """pre-token -> ids, at most `size` entries; `fill` computes a miss. When full, the older
-    half goes (dicts keep insertion order), so recent pre-tokens stay."""
+    """pre-token -> ids, at most `size` entries, filled by `merger`. When full, the oldest
+    entries make room (dicts keep insertion order)."""
 
-    def __init__(self, fill: Callable[[str], list[int]], size: int) -> None:
+    def __init__(self, merger: Merger, size: int) -> None:
         super().__init__()
-        self.fill, self.size = fill, max(size, 2)
+        self.merger, self.size = merger, max(size, 2)
 
-    def __missing__(self, piece: str) -> list[int]:
-        if len(self) >= self.size:
-            for old in list(islice(self, self.size // 2)):
-                del self[old]
-        ids = self[piece] = self.fill(piece)
-        return ids
+    def add(self, pieces: Collection[str]) -> None:
+        """Merge and cache pieces (at most size // 2 of them) that are not cached."""
+        for old in list(islice(self, max(0, len(self) + len(pieces) - self.size))):
+            del self[old]
+        self.update(zip(pieces, self.merger.many(list(pieces))))
+
+    def __missing__(self, piece: str) -> tuple[int, ...]:
+        # A piece that add() found cached but evicted before its lookup.
+        self.add([piece])
+        return self[piece]
 
 
 def _check_vocab(vocab: Mapping[int, bytes]) -> dict[int, bytes]:
