@@ -13,6 +13,7 @@ COMMANDS: tuple[str, ...] = (
     "fnlm.download",
     "fnlm.tokenizer.cli",
     "fnlm.generate_cli",
+    "fnlm.train_cli",
 )
 
 

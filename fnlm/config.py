@@ -69,3 +69,83 @@ class ModelConfig:
         if values.get("ffn_type") is None:  # CS336 config files write null for the default
             values.pop("ffn_type", None)
         return cls(**values)
+
+
+AUTOCAST_DTYPES = ("none", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization, data and run settings of `fnlm train` (everything but the model).
+
+    The learning rate follows the handout's cosine schedule: linear warm-up from 0 over
+    warmup_steps, cosine decay from lr to min_lr until cosine_steps (default: steps), then min_lr.
+    Parameters and optimizer state stay float32; `autocast` only lowers the forward's matmuls.
+    """
+
+    train_data: str = ""  # a .npy token array, or raw `data_dtype` binary
+    val_data: str | None = None
+    data_dtype: str = "uint16"  # for raw binary files; .npy files carry their dtype
+    batch_size: int = 32
+    steps: int = 5000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    cosine_steps: int | None = None
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    seed: int = 0  # parameter init and batch sampling
+    log_every: int = 10
+    eval_every: int = 250  # 0: never
+    eval_batches: int | None = 20  # None: the whole validation set
+    checkpoint_every: int = 1000  # 0: only at the end
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    autocast: str = "none"  # "bfloat16": autocast the forward on CUDA / CPU
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "steps", "log_every", "keep_checkpoints")
+        non_negative = ("warmup_steps", "seed", "eval_every", "checkpoint_every")
+        for name in positive + non_negative:
+            value, minimum = getattr(self, name), 1 if name in positive else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                kind = "a positive int" if minimum else "a non-negative int"
+                raise ValueError(f"TrainConfig.{name} must be {kind}, got {value!r}")
+        for name in ("cosine_steps", "eval_batches"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"TrainConfig.{name} must be a positive int or None, got {value!r}")
+        if self.decay_steps < self.warmup_steps:
+            end = "cosine_steps" if self.cosine_steps is not None else "steps (the default cosine_steps)"
+            raise ValueError(
+                f"TrainConfig.{end} ({self.decay_steps}) must be >= warmup_steps ({self.warmup_steps})"
+            )
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"TrainConfig.autocast must be one of {AUTOCAST_DTYPES}, got {self.autocast!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"TrainConfig.compile must be a bool, got {self.compile!r}")
+        for name in ("lr", "min_lr", "beta1", "beta2", "adam_eps", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}")
+        # The ranges of the optimizer's numbers are checked where they are used, by fnlm.optim.
+
+    @property
+    def decay_steps(self) -> int:
+        return self.steps if self.cosine_steps is None else self.cosine_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (a JSON/TOML file, a checkpoint); unknown keys are an error."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
