@@ -93,13 +93,15 @@ def first_cut(text: str, special_tokens: Sequence[str], specials: regex.Pattern 
 
 
 def chunk_boundaries(path: str | os.PathLike, special_tokens: Sequence[str],
-                     chunk_bytes: int = CHUNK_BYTES) -> list[int]:
-    """Byte offsets [0, ..., size] that cut the file into chunks of about `chunk_bytes`.
+                     chunk_bytes: int | None = None) -> list[int]:
+    """Byte offsets [0, ..., size] that cut the file into chunks of about `chunk_bytes`
+    (default CHUNK_BYTES).
 
     Each offset is a cut (see the module docstring), found by reading a small window after the
     nominal offset, so that chunks can be pre-tokenized independently and exactly.
     """
     size = os.path.getsize(path)
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     specials = special_pattern(special_tokens)
     bounds = [0]
     with open(path, "rb") as file:

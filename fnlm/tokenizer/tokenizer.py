@@ -52,19 +52,23 @@ class Tokenizer:
         gpt2.save(directory, self.vocab, self.merges)
 
     def encode(self, text: str) -> list[int]:
-        """The token ids of `text`."""
+        """The token ids of `text`; ValueError if it holds a lone surrogate (not UTF-8 encodable)."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         ids: list[int] = []
         block: list[list[str] | int] = []
         size = 0
-        for item in self._items(text):
-            block.append(item)
-            size += 1 if isinstance(item, int) else len(item)
-            if size >= self._cache.size // 2:
-                self._encode_block(block, ids)
-                block, size = [], 0
-        self._encode_block(block, ids)
+        try:
+            for item in self._items(text):
+                block.append(item)
+                size += 1 if isinstance(item, int) else len(item)
+                if size >= self._cache.size // 2:
+                    self._encode_block(block, ids)
+                    block, size = [], 0
+            self._encode_block(block, ids)
+        except UnicodeEncodeError as error:
+            raise ValueError(f"encode: the text holds a lone surrogate {error.object[error.start]!r}, "
+                             "which UTF-8 cannot encode") from None
         return ids
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
