@@ -34,7 +34,7 @@ def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, output_path
     count = 0
     with open(partial, "wb") as out, Progress("tokenize", total=bounds[-1], unit="B", enabled=progress) as bar:
         out.write(_npy_header(dtype, 0))  # rewritten below with the final length
-        for size, ids in map_chunks(_encode_chunk, (tokenizer, input_path, dtype), bounds, num_workers, ordered=True):
+        for size, ids in map_chunks(_encode_chunks, (tokenizer, input_path, dtype), bounds, num_workers, ordered=True):
             out.write(ids.tobytes())
             count += len(ids)
             bar.update(size, tokens=count)
@@ -44,8 +44,9 @@ def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, output_path
     return count
 
 
-def _encode_chunk(tokenizer: Tokenizer, path: str | os.PathLike, dtype: np.dtype, start: int, end: int) -> np.ndarray:
-    return np.array(tokenizer.encode(read_chunk(path, start, end)), dtype=dtype)
+def _encode_chunks(tokenizer: Tokenizer, path: str | os.PathLike, dtype: np.dtype,
+                   ranges: list[tuple[int, int]]) -> np.ndarray:
+    return np.concatenate([np.array(tokenizer.encode(read_chunk(path, *r)), dtype=dtype) for r in ranges])
 
 
 def _npy_header(dtype: np.dtype, length: int) -> bytes:

@@ -11,6 +11,7 @@ from .bpe import Merger
 from .pretokenize import last_cut, pretokenize, special_pattern
 
 STREAM_BLOCK = 1 << 12  # characters encode_iterable gathers before it encodes (amortizes a call)
+CACHE_SIZE = 1 << 17  # pre-tokens; about 20 MB, and misses cost ~10x hits
 
 
 class Tokenizer:
@@ -23,13 +24,13 @@ class Tokenizer:
     """
 
     def __init__(self, vocab: Mapping[int, bytes], merges: Sequence[tuple[bytes, bytes]],
-                 special_tokens: Sequence[str] | None = None, *, cache_size: int = 1 << 17) -> None:
+                 special_tokens: Sequence[str] | None = None, *, cache_size: int = CACHE_SIZE) -> None:
         self.vocab: dict[int, bytes] = _check_vocab(vocab)
         self.special_tokens: list[str] = _check_special_tokens(special_tokens)
         gpt2.check_merges(self.vocab, merges, where=lambda i: f"merges[{i}]")
         self.merges: list[tuple[bytes, bytes]] = list(merges)
         ids = {token: i for i, token in self.vocab.items()}
-        for token in map(str.encode, self.special_tokens):
+        for token in (special.encode("utf-8") for special in self.special_tokens):
             if token not in ids:
                 ids[token] = max(self.vocab) + 1
                 self.vocab[ids[token]] = token
@@ -40,12 +41,12 @@ class Tokenizer:
 
     @classmethod
     def from_files(cls, vocab_filepath: str | os.PathLike, merges_filepath: str | os.PathLike,
-                   special_tokens: Sequence[str] | None = None, **kwargs: int) -> Tokenizer:
+                   special_tokens: Sequence[str] | None = None, *, cache_size: int = CACHE_SIZE) -> Tokenizer:
         """Load GPT-2 style vocab.json and merges.txt (see gpt2.py); errors name the file and line."""
         vocab = gpt2.load_vocab(vocab_filepath)
         merges, lines = gpt2.load_merges(merges_filepath)
         gpt2.check_merges(vocab, merges, where=lambda i: f"{merges_filepath}:{lines[i]}")
-        return cls(vocab, merges, special_tokens, **kwargs)
+        return cls(vocab, merges, special_tokens, cache_size=cache_size)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write vocab.json and merges.txt (GPT-2's format) into `directory`."""
@@ -56,16 +57,9 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         ids: list[int] = []
-        block: list[list[str] | int] = []
-        size = 0
         try:
-            for item in self._items(text):
-                block.append(item)
-                size += 1 if isinstance(item, int) else len(item)
-                if size >= self._cache.size // 2:
-                    self._encode_block(block, ids)
-                    block, size = [], 0
-            self._encode_block(block, ids)
+            for block in self._blocks(text):
+                self._encode_block(block, ids)
         except UnicodeEncodeError as error:
             raise ValueError(f"encode: the text holds a lone surrogate {error.object[error.start]!r}, "
                              "which UTF-8 cannot encode") from None
@@ -100,19 +94,27 @@ class Tokenizer:
             raise TypeError(f"decode takes an iterable of int token ids, got {ids!r:.80}") from None
         return data.decode("utf-8", errors="replace")
 
-    def _items(self, text: str) -> Iterator[list[str] | int]:
-        """The text as pre-token lists (of at most half the cache) and special-token ids, in order."""
-        step = self._cache.size // 2
+    def _blocks(self, text: str) -> Iterator[list[list[str] | int]]:
+        """The text as items in order, pre-token lists and special-token ids, gathered in blocks
+        of about half the cache's worth of pre-tokens (so that a block's misses fit in it)."""
+        limit = self._cache.size // 2
+        block: list[list[str] | int] = []
+        size = 0
         for i, part in enumerate(self._specials.split(text) if self._specials is not None else [text]):
+            pieces = pretokenize(part) if i % 2 == 0 else []
+            for start in range(0, len(pieces), limit):
+                block.append(pieces[start : start + limit])
+                size += len(block[-1])
+                if size >= limit:
+                    yield block
+                    block, size = [], 0
             if i % 2:
-                yield self._special_ids[part]
-            elif part:
-                pieces = pretokenize(part)
-                yield from (pieces[start : start + step] for start in range(0, len(pieces), step))
+                block.append(self._special_ids[part])
+        yield block
 
     def _encode_block(self, items: list[list[str] | int], ids: list[int]) -> None:
-        """Append the ids of items holding at most ~half the cache's worth of pre-tokens: merge the
-        misses of the whole block together (bpe.Merger.many), then look every pre-token up in C."""
+        """Append the ids of a block: merge its misses together (bpe.Merger.many), then look every
+        pre-token up in C (map, chain)."""
         cache = self._cache
         pieces = set(chain.from_iterable(item for item in items if not isinstance(item, int)))
         cache.add(list(filterfalse(cache.__contains__, pieces)))
