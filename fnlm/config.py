@@ -71,7 +71,7 @@ class ModelConfig:
         return cls(**values)
 
 
-AUTOCAST_DTYPES = ("none", "bfloat16", "float16")
+AUTOCAST_DTYPES = ("none", "bfloat16")  # float16 would need loss scaling
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from .model import init_params
 from .optim import adamw, schedule_value, warmup_cosine_schedule
 from .progress import Progress
 from .tree import unflatten
-from .train import autocast_dtype, eval_result, evaluate, make_loss_fn, make_train_step
+from .train import eval_result, evaluate, make_loss_fn, make_train_step, parse_autocast
 
 CHECKPOINTS = "checkpoints"
 
@@ -51,108 +51,136 @@ def train(
     show_progress: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> RunResult:
-    """Train into `run_dir`, or continue its newest checkpoint when `resume`."""
-    run_dir = Path(run_dir)
+    """Train into `run_dir`, or continue its newest checkpoint when `resume`. `should_stop` is
+    asked before every step (at log boundaries when distributed); True ends the run early with
+    a checkpoint of the last completed step."""
     device = resolve_device(cfg.device)
     with distributed.joined(device.type) as world:
         if device.type == "cuda" and world.size > 1:
             device = torch.device("cuda", world.local_rank)
-        return _train(model_cfg, cfg, run_dir, device, world, resume, show_progress, should_stop)
+        return _Run(model_cfg, cfg, Path(run_dir), device, world, resume).fit(show_progress, should_stop)
 
 
-def _train(model_cfg, cfg, run_dir, device, world, resume, show_progress, should_stop) -> RunResult:
-    if cfg.batch_size % world.size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world.size}")
-    if not cfg.train_data:
-        raise ValueError("TrainConfig.train_data is required: a token file (.npy, or raw uint16 binary)")
-    context = model_cfg.context_length
-    train_tokens = load_tokens(cfg.train_data, vocab_size=model_cfg.vocab_size, dtype=cfg.data_dtype)
-    val_tokens = load_tokens(cfg.val_data, vocab_size=model_cfg.vocab_size, dtype=cfg.data_dtype) if cfg.val_data else None
-    schedule = warmup_cosine_schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
-    optimizer = adamw(schedule, cfg.beta1, cfg.beta2, cfg.adam_eps, cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
-    generator = torch.Generator().manual_seed(cfg.seed)
+class _Run:
+    """The state of a run between steps: params, optimizer state, step, the sampler's generator,
+    and the sums of the current log window."""
 
-    params, opt_state, step, wall_before = _start_or_resume(run_dir, model_cfg, cfg, optimizer, generator,
-                                                             device, resume, world)
-    log = RunLog(run_dir / "log.jsonl", keep_until=step, enabled=world.is_main)
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, device: torch.device,
+                 world: distributed.World, resume: bool) -> None:
+        if cfg.batch_size % world.size:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world.size}")
+        if not cfg.train_data:
+            raise ValueError("TrainConfig.train_data is required: a token file (.npy, or raw uint16 binary)")
+        self.model_cfg, self.cfg, self.run_dir, self.device, self.world = model_cfg, cfg, run_dir, device, world
+        self.train_tokens = load_tokens(cfg.train_data, vocab_size=model_cfg.vocab_size, dtype=cfg.data_dtype)
+        self.val_tokens = (
+            load_tokens(cfg.val_data, vocab_size=model_cfg.vocab_size, dtype=cfg.data_dtype) if cfg.val_data else None
+        )
+        self.schedule = warmup_cosine_schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
+        optimizer = adamw(self.schedule, cfg.beta1, cfg.beta2, cfg.adam_eps, cfg.weight_decay,
+                          max_grad_norm=cfg.max_grad_norm)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.params, self.opt_state, self.step, self.wall_before = _start_or_resume(
+            run_dir, model_cfg, cfg, optimizer, self.generator, device, resume, world
+        )
+        self.saved_step = self.step if resume else None
+        self.log = RunLog(run_dir / "log.jsonl", keep_until=self.step, enabled=world.is_main)
 
-    amp = autocast_dtype(cfg.autocast)
-    grad_sync = distributed.all_reduce_mean if world.size > 1 else None
-    train_step = make_train_step(model_cfg, optimizer, autocast_dtype=amp, device_type=device.type,
-                                 compile=cfg.compile, grad_sync=grad_sync)
-    eval_loss = make_loss_fn(model_cfg, autocast_dtype=amp, device_type=device.type)
-    eval_loss = torch.compile(eval_loss) if cfg.compile else eval_loss
-    rows = slice(world.rank * cfg.batch_size // world.size, (world.rank + 1) * cfg.batch_size // world.size)
-    tokens_per_step = cfg.batch_size * context
+        amp = parse_autocast(cfg.autocast)
+        self.train_step = make_train_step(
+            model_cfg, optimizer, autocast_dtype=amp, device_type=device.type, compile=cfg.compile,
+            grad_sync=distributed.all_reduce_mean if world.size > 1 else None,
+        )
+        eval_loss = make_loss_fn(model_cfg, autocast_dtype=amp, device_type=device.type)
+        self.eval_loss = torch.compile(eval_loss) if cfg.compile else eval_loss
+        per_rank = cfg.batch_size // world.size
+        self.rows = slice(world.rank * per_rank, (world.rank + 1) * per_rank)  # this process's share
+        self.tokens_per_step = cfg.batch_size * model_cfg.context_length
+        self.start = time.perf_counter()
+        self._new_window()
 
-    def save(step: int) -> Path | None:
-        if not world.is_main:
+    def fit(self, show_progress: bool, should_stop: Callable[[], bool]) -> RunResult:
+        cfg, world = self.cfg, self.world
+        train_loss = val_loss = checkpoint = None
+        interrupted = False
+        self.progress = Progress("train", total=cfg.steps - self.step, unit=" steps",
+                                 enabled=show_progress and world.is_main)
+        with self.progress:
+            while self.step < cfg.steps:
+                stop = should_stop()
+                if world.size > 1:  # agree at log boundaries only, to spare a sync per step
+                    stop = self.step % cfg.log_every == 0 and distributed.any_rank(stop, self.device)
+                if stop:
+                    interrupted = True
+                    train_loss = self._log_window() if self.window_steps else train_loss
+                    break
+                self._train_one_step()
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    train_loss = self._log_window()
+                paused = time.perf_counter()
+                if self.val_tokens is not None and cfg.eval_every and (
+                    self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                ):
+                    val_loss = self._validate()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    checkpoint = self._save()
+                self.window_start += time.perf_counter() - paused  # validation and saves are not training time
+        if self.saved_step != self.step:
+            checkpoint = self._save()
+        if world.is_main:
+            plot_losses(self.run_dir / "log.jsonl", self.run_dir / "loss_curve.png")
+        return RunResult(self.step, interrupted, train_loss, val_loss, checkpoint)
+
+    def _train_one_step(self) -> None:
+        context = self.model_cfg.context_length
+        starts = sample_starts(len(self.train_tokens), self.cfg.batch_size, context, generator=self.generator)
+        x, y = gather_windows(self.train_tokens, starts[self.rows], context, self.device)
+        self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, x, y)
+        self.step += 1
+        self.window_sums = self.window_sums + torch.stack(metrics)  # no host sync per step
+        self.window_steps += 1
+        self.progress.update(1)
+
+    def _new_window(self) -> None:
+        self.window_sums = torch.zeros(2, device=self.device)  # sums of (loss, grad norm)
+        self.window_steps, self.window_start = 0, time.perf_counter()
+
+    def _log_window(self) -> float:
+        mean_loss, mean_norm = (self.window_sums / self.window_steps).tolist()  # the window's one sync
+        seconds = time.perf_counter() - self.window_start
+        lr = schedule_value(self.schedule, self.step - 1)  # the rate of the step just taken
+        self.log.write(step=self.step, tokens=self.step * self.tokens_per_step, wall_s=self._wall(), lr=lr,
+                       train_loss=mean_loss, grad_norm=mean_norm,
+                       tokens_per_s=self.window_steps * self.tokens_per_step / seconds)
+        self.progress.update(0, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+        self._new_window()
+        return mean_loss
+
+    def _validate(self) -> float:
+        world = self.world
+        batches = eval_batches(self.val_tokens, self.cfg.batch_size // world.size, self.model_cfg.context_length,
+                               self.device, max_batches=self.cfg.eval_batches, shard=(world.rank, world.size))
+        sums = evaluate(self.eval_loss, self.params, batches)
+        result = eval_result(distributed.sum_over_ranks(sums) if world.size > 1 else sums)
+        self.log.write(step=self.step, tokens=self.step * self.tokens_per_step, wall_s=self._wall(),
+                       val_loss=result.loss, val_perplexity=result.perplexity)
+        return result.loss
+
+    def _save(self) -> Path | None:
+        self.saved_step = self.step
+        if not self.world.is_main:
             return None
-        path = run_dir / CHECKPOINTS / f"step_{step:07d}.pt"
-        save_checkpoint(path, model_config=model_cfg, params=params, step=step, opt_state=opt_state,
-                        rng=generator.get_state(), train_config=cfg.to_dict(), extra={"wall_s": wall()})
-        for old in sorted((run_dir / CHECKPOINTS).glob("step_*.pt"))[: -cfg.keep_checkpoints]:
+        folder = self.run_dir / CHECKPOINTS
+        path = folder / f"step_{self.step:07d}.pt"
+        save_checkpoint(path, model_config=self.model_cfg, params=self.params, step=self.step,
+                        opt_state=self.opt_state, rng=self.generator.get_state(), train_config=self.cfg.to_dict(),
+                        extra={"wall_s": self._wall()})
+        for old in sorted(folder.glob("step_*.pt"))[: -self.cfg.keep_checkpoints]:
             old.unlink()
         return path
 
-    def validate(step: int) -> float:
-        batches = eval_batches(val_tokens, cfg.batch_size // world.size, context, device,
-                               max_batches=cfg.eval_batches, shard=(world.rank, world.size))
-        sums = evaluate(eval_loss, params, batches)
-        result = eval_result(distributed.sum_over_ranks(sums) if world.size > 1 else sums)
-        log.write(step=step, tokens=step * tokens_per_step, wall_s=wall(), val_loss=result.loss,
-                  val_perplexity=result.perplexity)
-        return result.loss
-
-    start = time.perf_counter()
-
-    def wall() -> float:
-        return wall_before + time.perf_counter() - start
-
-    window = torch.zeros(2, device=device)  # sums of (loss, grad norm) since the last log
-    window_steps, window_start = 0, time.perf_counter()
-    train_loss = val_loss = checkpoint = None
-    saved_step, interrupted = (step if resume else -1), False
-
-    def log_window(step: int) -> float:
-        mean_loss, mean_norm = (window / window_steps).tolist()  # the one host sync per window
-        lr = schedule_value(schedule, step - 1)  # the rate of the step just taken
-        log.write(step=step, tokens=step * tokens_per_step, wall_s=wall(), lr=lr, train_loss=mean_loss,
-                  grad_norm=mean_norm, tokens_per_s=window_steps * tokens_per_step / (time.perf_counter() - window_start))
-        progress.update(0, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-        return mean_loss
-
-    progress = Progress("train", total=cfg.steps - step, unit=" steps", enabled=show_progress and world.is_main)
-    with progress:
-        while step < cfg.steps:
-            stop = should_stop()
-            if world.size > 1:  # agree at log boundaries only, to spare a sync per step
-                stop = step % cfg.log_every == 0 and distributed.any_rank(stop, device)
-            if stop:
-                interrupted = True
-                if window_steps:
-                    train_loss = log_window(step)
-                break
-            starts = sample_starts(len(train_tokens), cfg.batch_size, context, generator=generator)[rows]
-            x, y = gather_windows(train_tokens, starts, context, device)
-            params, opt_state, metrics = train_step(params, opt_state, x, y)
-            step, window_steps = step + 1, window_steps + 1
-            window = window + torch.stack(metrics)
-            progress.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                train_loss = log_window(step)
-                window, window_steps, window_start = torch.zeros_like(window), 0, time.perf_counter()
-            paused = time.perf_counter()
-            if val_tokens is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                val_loss = validate(step)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint, saved_step = save(step), step
-            window_start += time.perf_counter() - paused  # validation and saves are not training time
-    if step != saved_step:
-        checkpoint = save(step)
-    if world.is_main:
-        plot_losses(run_dir / "log.jsonl", run_dir / "loss_curve.png")
-    return RunResult(step, interrupted, train_loss, val_loss, checkpoint)
+    def _wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.start
 
 
 def _start_or_resume(run_dir, model_cfg, cfg, optimizer, generator, device, resume, world):

@@ -29,7 +29,7 @@ from .optim import ClipByGlobalNormState, GradientTransformation, OptState, appl
 from .tree import PyTree, global_norm, tree_leaves
 
 LossFn = Callable[[PyTree, Tensor, Tensor], Tensor]  # (params, x (B, T), y (B, T)) -> 0-d float32
-GradSync = Callable[[PyTree], PyTree]  # e.g. the all-reduce mean of fnlm.distributed
+GradSync = Callable[[PyTree], PyTree]  # a tree of tensors -> its mean over workers (fnlm.distributed)
 
 
 class StepMetrics(NamedTuple):
@@ -122,8 +122,8 @@ def autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.Abstract
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
-def autocast_dtype(name: str) -> torch.dtype | None:
-    """TrainConfig.autocast ("none", "bfloat16", "float16") -> a dtype, or None."""
+def parse_autocast(name: str) -> torch.dtype | None:
+    """TrainConfig.autocast ("none" or "bfloat16") -> the autocast dtype, or None."""
     return None if name == "none" else getattr(torch, name)
 
 

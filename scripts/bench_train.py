@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fnlm.config import ModelConfig  # noqa: E402
+from fnlm.config import AUTOCAST_DTYPES, ModelConfig  # noqa: E402
 from fnlm.data import load_tokens, resolve_device  # noqa: E402
 from fnlm.model import init_params, num_params  # noqa: E402
 from fnlm.optim import adamw  # noqa: E402
-from fnlm.train import autocast, keep_freed_memory, make_train_step  # noqa: E402
+from fnlm.train import autocast, keep_freed_memory, make_train_step, parse_autocast  # noqa: E402
 from fnlm.tree import flatten  # noqa: E402
 from tests.reference import ReferenceLM  # noqa: E402
 
@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", choices=["none", "compiled", "both"], default="none",
                         help="none: eager only; compiled: torch.compile'd only; both")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
-    parser.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none")
+    parser.add_argument("--autocast", choices=AUTOCAST_DTYPES, default="none")
     parser.add_argument("--data", type=Path, help="a .npy token file to draw batches from (default: random ids)")
     parser.add_argument("--batches", type=int, default=8, help="distinct batches, cycled")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
@@ -74,7 +74,7 @@ def parse_args() -> argparse.Namespace:
 
 class Fnlm:
     def __init__(self, cfg, params, amp, device, compile, compile_mode):
-        self.params = {k: v for k, v in params.items()}
+        self.params = params  # shared with the other variants: steps never modify their inputs
         optimizer = adamw(HYPER["lr"], *HYPER["betas"], HYPER["eps"], HYPER["weight_decay"],
                           max_grad_norm=HYPER["max_grad_norm"])
         self.opt_state = optimizer.init(self.params)
@@ -113,7 +113,7 @@ def main() -> None:
     kept_freed_memory = device.type == "cpu" and args.keep_freed_memory and keep_freed_memory()
     dims = CONFIGS[args.config] | {k: v for k, v in vars(args).items() if k in CONFIGS["small"] and v is not None}
     cfg = ModelConfig(**dims)
-    amp = None if args.autocast == "none" else getattr(torch, args.autocast)
+    amp = parse_autocast(args.autocast)
     batches = make_batches(args, cfg, device)
     params = init_params(cfg, seed=args.seed, device=device)  # float32 master weights for everyone
 

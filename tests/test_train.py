@@ -18,7 +18,7 @@ from fnlm.cli import main
 from fnlm.config import ModelConfig, TrainConfig
 from fnlm.loop import latest_checkpoint, read_log, train
 from fnlm.model import init_params
-from fnlm.optim import adamw, apply_updates
+from fnlm.optim import adamw, apply_updates, warmup_cosine_schedule
 from fnlm.train import eval_result, evaluate, make_loss_fn, make_train_step
 from fnlm.tree import flatten, global_norm
 
@@ -162,6 +162,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, token_files):
     summary = json.loads(process.stderr.read().strip().splitlines()[-1])
     assert summary["interrupted"] and summary["step"] >= 3
     assert load_checkpoint(summary["checkpoint"]).step == summary["step"]
+
+
+def test_the_whole_step_traces_as_one_graph():
+    """No graph breaks: torch.compile gets gradient, clipping, schedule and update in one graph."""
+    optimizer = adamw(warmup_cosine_schedule(1e-3, 1e-4, 2, 10), weight_decay=0.1, max_grad_norm=1.0)
+    params, (x, y) = init_params(TINY), batch()
+    step = make_train_step(TINY, optimizer, autocast_dtype=torch.bfloat16)
+    explanation = torch._dynamo.explain(step)(params, optimizer.init(params), x, y)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
 
 
 @pytest.mark.slow

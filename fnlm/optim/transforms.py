@@ -77,10 +77,12 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         count = state.count + 1
         dtype = functools.reduce(torch.promote_types, (m.dtype for m in mu), torch.float32)
         correction1, correction2 = (_bias_correction(b, count, dtype) for b in (b1, b2))
-        # (m / c1) / (sqrt(v / c2) + eps) = m / (sqrt(v) * c1 / sqrt(c2) + eps * c1): one pass fewer.
+        # (m / c1) / (sqrt(v / c2) + eps). Tensor scalars only multiply: dynamo turns a foreach
+        # add of a tensor scalar into .item(), a graph break.
         denom = torch._foreach_sqrt(nu)
-        torch._foreach_mul_(denom, correction1 * correction2.rsqrt())
-        torch._foreach_add_(denom, eps * correction1)
+        torch._foreach_mul_(denom, correction2.rsqrt())
+        torch._foreach_add_(denom, eps)
+        torch._foreach_mul_(denom, correction1)
         directions = torch._foreach_div(mu, denom)
         new_state = ScaleByAdamState(count, tree_unflatten(structure, mu), tree_unflatten(structure, nu))
         return tree_unflatten(structure, directions), new_state
