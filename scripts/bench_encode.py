@@ -50,7 +50,7 @@ def load_tiktoken():
 
 
 def chunks(corpus: str) -> list[str]:
-    from fnlm.tokenizer.pretokenize import chunk_boundaries, read_chunk
+    from fnlm.tokenizer.chunks import chunk_boundaries, read_chunk
 
     bounds = chunk_boundaries(corpus, [SPECIAL])
     return [read_chunk(corpus, start, end) for start, end in zip(bounds, bounds[1:])]

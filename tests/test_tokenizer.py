@@ -286,9 +286,9 @@ def test_bad_constructor_arguments_are_named(gpt2):
 
 def test_tokenize_cli_writes_a_memory_mappable_array_equal_to_encode(tmp_path, monkeypatch, gpt2):
     from fnlm import cli
-    from fnlm.tokenizer import pretokenize as pretokenize_module
+    from fnlm.tokenizer import chunks
 
-    monkeypatch.setattr(pretokenize_module, "CHUNK_BYTES", 4096)  # many chunks, two processes
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 4096)  # many chunks, two processes
     gpt2.save(tmp_path / "tok")
     (tmp_path / "tok" / "special_tokens.json").write_text(json.dumps([EOT]), encoding="utf-8")
     text = _mixed_text(60_000, 0.1, seed=1)

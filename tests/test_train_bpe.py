@@ -15,7 +15,7 @@ import regex
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fnlm.tokenizer import Tokenizer, pretokenize, train_bpe
+from fnlm.tokenizer import Tokenizer, chunks, pretokenize, train_bpe
 from fnlm.tokenizer.gpt2 import text_to_token
 from tests import adapters
 from tests.conftest import FIXTURES
@@ -90,7 +90,7 @@ CORPUS_TEXT = st.lists(
 
 @given(CORPUS_TEXT, st.integers(258, 330))
 def test_train_bpe_equals_the_naive_algorithm_over_many_chunks(text, vocab_size):
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(pretokenize, "CHUNK_BYTES", 16):
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(chunks, "CHUNK_BYTES", 16):
         path = Path(tmp) / "corpus.txt"
         path.write_text(text, encoding="utf-8")
         _, merges = train_bpe(path, vocab_size, [EOT, "<|x|>"], num_workers=1)
@@ -100,11 +100,11 @@ def test_train_bpe_equals_the_naive_algorithm_over_many_chunks(text, vocab_size)
 def test_parallel_pre_tokenization_equals_serial(tmp_path, monkeypatch):
     path = tmp_path / "corpus.txt"
     path.write_text((FIXTURES / "corpus.en").read_text(encoding="utf-8"), encoding="utf-8")
-    monkeypatch.setattr(pretokenize, "CHUNK_BYTES", 8192)
-    assert len(pretokenize.chunk_boundaries(path, [EOT])) > 10
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 8192)
+    assert len(chunks.chunk_boundaries(path, [EOT])) > 10
     serial = train_bpe(path, 400, [EOT], num_workers=1)
     assert train_bpe(path, 400, [EOT], num_workers=2) == serial
-    monkeypatch.setattr(pretokenize, "CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 1 << 20)
     assert train_bpe(path, 400, [EOT], num_workers=1) == serial
 
 
@@ -119,12 +119,11 @@ def test_chunk_boundaries_are_cuts(overlapping, text, chunk_bytes):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "text.txt"
         path.write_text(text, encoding="utf-8")
-        bounds = pretokenize.chunk_boundaries(path, overlapping.special_tokens, chunk_bytes)
-        chunks = [pretokenize.read_chunk(path, a, b) for a, b in zip(bounds, bounds[1:])]
-    data = text.encode()
-    assert bounds[0] == 0 and bounds[-1] == len(data) and bounds == sorted(set(bounds))
-    assert "".join(chunks) == text
-    assert [i for chunk in chunks for i in overlapping.encode(chunk)] == overlapping.encode(text)
+        bounds = chunks.chunk_boundaries(path, overlapping.special_tokens, chunk_bytes)
+        texts = [chunks.read_chunk(path, a, b) for a, b in zip(bounds, bounds[1:])]
+    assert bounds[0] == 0 and bounds[-1] == len(text.encode()) and bounds == sorted(set(bounds))
+    assert "".join(texts) == text
+    assert [i for piece in texts for i in overlapping.encode(piece)] == overlapping.encode(text)
 
 
 def test_train_bpe_cli_writes_loadable_files_and_stats(tmp_path):

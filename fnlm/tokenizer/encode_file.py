@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..progress import Progress
-from .pretokenize import chunk_boundaries, map_chunks, read_chunk
+from .chunks import chunk_boundaries, map_chunks, read_chunk
 from .tokenizer import Tokenizer
 
 

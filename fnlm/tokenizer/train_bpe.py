@@ -1,6 +1,6 @@
 """Byte-level BPE training (handout section 2.4), exact and fast.
 
-Pre-tokens are counted in parallel (pretokenize.count_pretokens). The distinct pre-tokens are
+Pre-tokens are counted in parallel over file chunks (count_pretokens). The distinct pre-tokens are
 then laid end to end in one array of token ids, each followed by a separator, with a doubly
 linked list over it (`nxt`, `prv`) and each position's weight (its pre-token's count). A merge
 of (a, b) -> c then works on numpy arrays:
@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..progress import Progress
-from .pretokenize import count_pretokens
+from .chunks import chunk_boundaries, map_chunks, read_chunk
+from .pretokenize import iter_pretokens, special_pattern
 
 SEPARATOR = -1  # follows every word; never part of a pair
 DEAD = -2  # the second half of a merged pair
@@ -61,6 +62,31 @@ def train_bpe(
     vocab.update({len(special_tokens) + b: bytes([b]) for b in range(256)})
     vocab.update({base + i: a + b for i, (a, b) in enumerate(merges)})
     return vocab, merges
+
+
+def count_pretokens(path: str | os.PathLike, special_tokens: Sequence[str], *,
+                    num_workers: int | None = None, progress: bool = True) -> Counter[str]:
+    """How often each pre-token occurs in a UTF-8 file; special tokens split it and are not counted.
+
+    The file is cut into ~1 MB chunks at cuts, which `num_workers` processes (default: all
+    cores) read and count on their own; memory follows the number of distinct pre-tokens.
+    """
+    bounds = chunk_boundaries(path, special_tokens)
+    total: Counter[str] = Counter()
+    with Progress("pre-tokenize", total=bounds[-1], unit="B", enabled=progress) as bar:
+        for size, counts in map_chunks(_count_chunks, (path, special_tokens), bounds, num_workers, ordered=False):
+            total.update(counts)
+            bar.update(size)
+    return total
+
+
+def _count_chunks(path: str | os.PathLike, special_tokens: Sequence[str], ranges: list[tuple[int, int]]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    specials = special_pattern(special_tokens)
+    for start, end in ranges:
+        for pretokens in iter_pretokens(read_chunk(path, start, end), specials):
+            counts.update(pretokens)
+    return counts
 
 
 def bpe_merges(counts: Counter[str], num_merges: int, *, progress: bool = False) -> list[tuple[bytes, bytes]]:
