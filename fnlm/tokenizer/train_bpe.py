@@ -5,7 +5,9 @@ then laid end to end in one array of token ids, each followed by a separator, wi
 linked list over it (`nxt`, `prv`) and each position's weight (its pre-token's count). A merge
 of (a, b) -> c then works on numpy arrays:
   - the positions holding a, followed by b, come from the position list of a or of b, whichever
-    is shorter (token -> positions where it was created; stale entries are filtered out);
+    is shorter (token -> positions where it was created; stale entries are filtered out). This
+    index stands in for the usual pair -> words index: one array per token instead of a set
+    per pair, so it is built in one argsort and takes a fraction of the memory;
   - only the pairs touching an occurrence change: (left, a) and (b, right) lose its weight,
     (left, c) and (c, right) gain it; the deltas are summed per pair with one sort;
   - a heap keyed by (-count, then the reverse byte order of the pair) yields the next merge;
