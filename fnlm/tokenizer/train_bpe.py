@@ -59,7 +59,12 @@ def train_bpe(
         raise ValueError(f"vocab_size must be an integer >= {base} (the special tokens and 256 bytes), "
                          f"got {vocab_size!r}")
     counts = count_pretokens(input_path, special_tokens, num_workers=num_workers, progress=progress)
-    merges = bpe_merges(counts, vocab_size - base, progress=progress)
+    state = _State(counts, num_ids=vocab_size - len(special_tokens))
+    del counts  # the words live on in state's arrays; this frees ~100 bytes per distinct pre-token
+    with Progress("merge", total=vocab_size - base, unit="", enabled=progress) as bar:
+        while len(state.merges) < vocab_size - base and state.merge_best():
+            bar.update(1)
+    merges = state.merges
     vocab = {i: token.encode("utf-8") for i, token in enumerate(special_tokens)}
     vocab.update({len(special_tokens) + b: bytes([b]) for b in range(256)})
     vocab.update({base + i: a + b for i, (a, b) in enumerate(merges)})
@@ -89,15 +94,6 @@ def _count_chunks(path: str | os.PathLike, special_tokens: Sequence[str], ranges
         for pretokens in iter_pretokens(read_chunk(path, start, end), specials):
             counts.update(pretokens)
     return counts
-
-
-def bpe_merges(counts: Counter[str], num_merges: int, *, progress: bool = False) -> list[tuple[bytes, bytes]]:
-    """Up to `num_merges` BPE merges learned from pre-token counts, in order."""
-    state = _State(counts, num_ids=256 + num_merges)
-    with Progress("merge", total=num_merges, unit="", enabled=progress) as bar:
-        while len(state.merges) < num_merges and state.merge_best():
-            bar.update(1)
-    return state.merges
 
 
 class _State:
