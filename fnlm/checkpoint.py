@@ -11,8 +11,10 @@ a crash mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -124,29 +126,21 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, file)
 
 
-class _atomic_file:
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     """A binary file that replaces `path` only when the with-block completes without error."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-
-    def __enter__(self) -> IO[bytes]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.tmp, "wb")
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.file.flush()
-                os.fsync(self.file.fileno())
-            self.file.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-                _fsync_dir(self.path.parent)  # make the rename itself durable
-        finally:
-            self.tmp.unlink(missing_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)  # make the rename itself durable
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:
