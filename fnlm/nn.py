@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import flash_attention
 from .tree import PyTree
 
 
@@ -143,6 +144,8 @@ def multihead_self_attention(
     if token_positions is None:
         token_positions = torch.arange(seq_len, device=x.device)
     q, k, v = attention_heads(params, x, num_heads, token_positions, rope_theta)
+    if flash_attention.supports(q):  # half precision on a GPU: the same function, fused in Triton
+        return attention_output(params, flash_attention.causal_attention(q, k, v))
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()  # (T, T)
     return attention_output(params, scaled_dot_product_attention(q, k, v, causal))
 

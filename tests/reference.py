@@ -2,7 +2,7 @@
 
 It is the oracle for fnlm's model tests and the peer in scripts/bench_*.py. It shares nothing
 with fnlm but the state-dict names, so fnlm parameters load into it with load_state_dict.
-RoPE here uses complex multiplication (the Llama reference's formulation), attention uses
+RoPE here is the rotate-pairs formulation x cos + rot(x) sin, attention uses
 F.scaled_dot_product_attention and the norms nn.RMSNorm.
 """
 
@@ -15,14 +15,15 @@ from torch import Tensor, nn
 from fnlm.config import ModelConfig
 
 
-def rope_complex(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """x (..., T, Dh) with interleaved pairs read as complex numbers, rotated by e^{i pos w}."""
+def rope_reference(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """x (..., T, Dh): each interleaved pair (x0, x1) -> x * cos + (-x1, x0) * sin (real arithmetic,
+    which torch.compile fuses; complex tensors would fall back to eager kernels)."""
     d, dtype = x.shape[-1], torch.promote_types(x.dtype, torch.float32)
     freqs = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)
-    angles = positions.to(dtype)[..., None] * freqs  # (..., T, Dh/2)
-    rotation = torch.polar(torch.ones_like(angles), angles)
-    as_complex = torch.view_as_complex(x.to(dtype).reshape(*x.shape[:-1], d // 2, 2).contiguous())
-    return torch.view_as_real(as_complex * rotation).flatten(-2).to(x.dtype)
+    angles = (positions.to(dtype)[..., None] * freqs).repeat_interleave(2, dim=-1)  # (..., T, Dh)
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return (x * angles.cos() + rotated * angles.sin()).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -39,7 +40,7 @@ class Attention(nn.Module):
         q, k, v = (proj(x).view(b, t, h, d // h).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if not self.cfg.remove_rope:
             positions = torch.arange(t, device=x.device)
-            q, k = rope_complex(q, positions, self.cfg.rope_theta), rope_complex(k, positions, self.cfg.rope_theta)
+            q, k = rope_reference(q, positions, self.cfg.rope_theta), rope_reference(k, positions, self.cfg.rope_theta)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.output_proj(y.transpose(1, 2).reshape(b, t, d))
 

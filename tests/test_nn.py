@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from fnlm import nn as fnn
 from tests import adapters
 from tests.conftest import SNAPSHOTS
-from tests.reference import rope_complex
+from tests.reference import rope_reference
 
 f64 = torch.float64
 
@@ -100,14 +100,14 @@ def test_multihead_attention_matches_functional_per_head():
     for theta in (None, 10_000.0):
         q, k, v = (split(x @ w.T) for w in ws[:3])
         if theta is not None:
-            q, k = rope_complex(q, torch.arange(t), theta), rope_complex(k, torch.arange(t), theta)
+            q, k = rope_reference(q, torch.arange(t), theta), rope_reference(k, torch.arange(t), theta)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, t, d) @ ws[3].T
         torch.testing.assert_close(fnn.multihead_self_attention(params, x, h, rope_theta=theta), y)
 
 
 def test_rope_matches_complex_formulation_with_positions_and_batch_dims():
     x, positions = randn(2, 3, 5, 8), torch.tensor([[4, 0, 1, 7, 2]] * 3)
-    torch.testing.assert_close(fnn.rope(x, positions, 500.0), rope_complex(x, positions, 500.0))
+    torch.testing.assert_close(fnn.rope(x, positions, 500.0), rope_reference(x, positions, 500.0))
 
 
 # -- the official snapshots (inputs as the CS336 conftest builds them) --------------------------

@@ -1,0 +1,266 @@
+"""Causal attention as fused Triton kernels (FlashAttention-2's algorithm), for CUDA.
+
+The definition of attention is fnlm.nn.scaled_dot_product_attention; this is the same function
+computed without materialising the (T, T) scores: each program keeps a block of queries in
+registers, streams the keys and values up to the diagonal, and keeps a running max and sum
+(the online softmax). The forward also writes the log-sum-exp of every row, which the
+backward uses to recompute the probabilities block by block.
+
+Shape legend: B batch, H heads, T sequence, D head dim (16..128, a power of two).
+q, k, v may be strided views (the last dim must be contiguous); outputs are contiguous.
+
+The kernels are registered as torch.library ops (`fnlm::causal_attention` and its backward)
+with vmap rules, and tied together by an autograd.Function, so torch.func.grad,
+torch.func.vmap and torch.compile treat them like any aten op. Without Triton or a GPU, `available` is False and
+fnlm uses the plain PyTorch path. Setting TRITON_INTERPRET=1 runs the kernels on the CPU
+(slowly), which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships with CUDA builds of torch on Linux only
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ENABLED = os.environ.get("FNLM_FLASH_ATTENTION", "1") != "0"  # 0: always the plain PyTorch path
+BLOCK_M = 64  # queries per program
+BLOCK_N = 64  # keys per inner step
+
+
+def supports(q: Tensor) -> bool:
+    """Whether causal attention over q (B, H, T, D) can run on these kernels."""
+    head_dim = q.shape[-1]
+    return (
+        triton is not None
+        and (q.is_cuda or INTERPRET)
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.ndim == 4
+        and 16 <= head_dim <= 128
+        and head_dim & (head_dim - 1) == 0
+        and ENABLED
+    )
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D) + causal mask) v for q, k, v (B, H, T, D) -> (B, H, T, D)."""
+    return _CausalAttention.apply(q, k, v, q.shape[-1] ** -0.5)[0]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _forward_kernel(
+        Q, K, V, O, LSE,
+        q_stride_b, q_stride_h, q_stride_t,
+        k_stride_b, k_stride_h, k_stride_t,
+        v_stride_b, v_stride_h, v_stride_t,
+        num_heads, seq_len,
+        SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        block_m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // num_heads, bh % num_heads
+        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, HEAD_DIM)
+        row_ok = rows < seq_len
+        q = tl.load(Q + b * q_stride_b + h * q_stride_h + rows[:, None] * q_stride_t + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        log2_scale = SCALE * 1.4426950408889634  # exp(x) = exp2(x log2 e): exp2 is the fast instruction
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start_n in range(0, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            col_ok = cols < seq_len
+            k_t = tl.load(K + b * k_stride_b + h * k_stride_h + cols[None, :] * k_stride_t + dims[:, None],
+                          mask=col_ok[None, :], other=0.0)  # (D, N)
+            scores = tl.dot(q, k_t) * log2_scale  # (M, N), base-2 units
+            scores = tl.where((rows[:, None] >= cols[None, :]) & col_ok[None, :], scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            probs = tl.math.exp2(scores - new_max[:, None])
+            rescale = tl.math.exp2(row_max - new_max)
+            row_sum = row_sum * rescale + tl.sum(probs, 1)
+            v = tl.load(V + b * v_stride_b + h * v_stride_h + cols[:, None] * v_stride_t + dims[None, :],
+                        mask=col_ok[:, None], other=0.0)  # (N, D)
+            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
+            row_max = new_max
+        out = acc / row_sum[:, None]
+        o_offsets = bh * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(O + o_offsets, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        # Natural-log log-sum-exp of the scaled scores: (max + log2 sum) / log2 e.
+        tl.store(LSE + bh * seq_len + rows, (row_max + tl.math.log2(row_sum)) * 0.6931471805599453, mask=row_ok)
+
+    @triton.jit
+    def _backward_kv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV,
+        q_stride_b, q_stride_h, q_stride_t,
+        k_stride_b, k_stride_h, k_stride_t,
+        v_stride_b, v_stride_h, v_stride_t,
+        do_stride_b, do_stride_h, do_stride_t,
+        num_heads, seq_len,
+        SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """dK, dV for one block of keys: every query block at or after it, recomputing P."""
+        block_n, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // num_heads, bh % num_heads
+        cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, HEAD_DIM)
+        col_ok = cols < seq_len
+        k = tl.load(K + b * k_stride_b + h * k_stride_h + cols[:, None] * k_stride_t + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)  # (N, D)
+        v = tl.load(V + b * v_stride_b + h * v_stride_h + cols[:, None] * v_stride_t + dims[None, :],
+                    mask=col_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        for start_m in range((block_n * BLOCK_N) // BLOCK_M * BLOCK_M, seq_len, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < seq_len
+            q = tl.load(Q + b * q_stride_b + h * q_stride_h + rows[:, None] * q_stride_t + dims[None, :],
+                        mask=row_ok[:, None], other=0.0)  # (M, D)
+            do = tl.load(DO + b * do_stride_b + h * do_stride_h + rows[:, None] * do_stride_t + dims[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + bh * seq_len + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * seq_len + rows, mask=row_ok, other=0.0)
+            probs = tl.exp(tl.dot(q, tl.trans(k)) * SCALE - lse[:, None])  # (M, N)
+            visible = (rows[:, None] >= cols[None, :]) & row_ok[:, None] & col_ok[None, :]
+            probs = tl.where(visible, probs, 0.0)
+            dv += tl.dot(tl.trans(probs.to(do.dtype)), do)
+            dscores = probs * (tl.dot(do, tl.trans(v)) - delta[:, None])  # (M, N)
+            dk += tl.dot(tl.trans(dscores.to(q.dtype)), q)
+        offsets = bh * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(DK + offsets, (dk * SCALE).to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+    @triton.jit
+    def _backward_q_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ,
+        q_stride_b, q_stride_h, q_stride_t,
+        k_stride_b, k_stride_h, k_stride_t,
+        v_stride_b, v_stride_h, v_stride_t,
+        do_stride_b, do_stride_h, do_stride_t,
+        num_heads, seq_len,
+        SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """dQ for one block of queries: every key block up to the diagonal, recomputing P."""
+        block_m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // num_heads, bh % num_heads
+        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, HEAD_DIM)
+        row_ok = rows < seq_len
+        q = tl.load(Q + b * q_stride_b + h * q_stride_h + rows[:, None] * q_stride_t + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * do_stride_b + h * do_stride_h + rows[:, None] * do_stride_t + dims[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + bh * seq_len + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * seq_len + rows, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start_n in range(0, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            col_ok = cols < seq_len
+            k = tl.load(K + b * k_stride_b + h * k_stride_h + cols[:, None] * k_stride_t + dims[None, :],
+                        mask=col_ok[:, None], other=0.0)  # (N, D)
+            v = tl.load(V + b * v_stride_b + h * v_stride_h + cols[:, None] * v_stride_t + dims[None, :],
+                        mask=col_ok[:, None], other=0.0)
+            probs = tl.exp(tl.dot(q, tl.trans(k)) * SCALE - lse[:, None])  # (M, N)
+            visible = (rows[:, None] >= cols[None, :]) & row_ok[:, None] & col_ok[None, :]
+            probs = tl.where(visible, probs, 0.0)
+            dscores = probs * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(dscores.to(k.dtype), k)
+        offsets = bh * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(DQ + offsets, (dq * SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+    def _strides(*tensors: Tensor) -> list[int]:
+        """(batch, head, time) strides of each (B, H, T, D) tensor, whose last dim must be contiguous."""
+        for t in tensors:
+            if t.stride(-1) != 1:
+                raise ValueError(f"attention kernels need a contiguous last dim, got strides {t.stride()}")
+        return [s for t in tensors for s in t.stride()[:3]]
+
+    def _launch_forward(launch, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        batch, heads, seq_len, head_dim = q.shape
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
+        grid = (triton.cdiv(seq_len, BLOCK_M), batch * heads)
+        launch(_forward_kernel)[grid](
+            q, k, v, out, lse, *_strides(q, k, v), heads, seq_len,
+            SCALE=scale, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        )
+        return out, lse
+
+    def _launch_backward(launch, q, k, v, out, lse, grad_out, scale) -> tuple[Tensor, Tensor, Tensor]:
+        batch, heads, seq_len, head_dim = q.shape
+        delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, T): rowsum(dO * O)
+        dq, dk, dv = (torch.empty(q.shape, dtype=t.dtype, device=q.device) for t in (q, k, v))
+        args = (*_strides(q, k, v, grad_out), heads, seq_len)
+        meta = dict(SCALE=scale, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        launch(_backward_kv_kernel)[(triton.cdiv(seq_len, BLOCK_N), batch * heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, *args, **meta
+        )
+        launch(_backward_q_kernel)[(triton.cdiv(seq_len, BLOCK_M), batch * heads)](
+            q, k, v, grad_out, lse, delta, dq, *args, **meta
+        )
+        return dq, dk, dv
+
+    @torch.library.triton_op("fnlm::causal_attention", mutates_args=())
+    def _causal_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """(out (B, H, T, D), log-sum-exp (B, H, T) float32)."""
+        return _launch_forward(torch.library.wrap_triton, q, k, v, scale)
+
+    @torch.library.triton_op("fnlm::causal_attention_backward", mutates_args=())
+    def _causal_attention_backward_op(
+        q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, scale: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _launch_backward(torch.library.wrap_triton, q, k, v, out, lse, grad_out, scale)
+
+    class _CausalAttention(torch.autograd.Function):
+        """The ops' autograd, in the setup_context style that torch.func transforms require; the
+        vmap rule is generated from the ops' own rules (registered below)."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+            with torch.no_grad():  # the ops carry no autograd of their own: this class is it
+                return torch.ops.fnlm.causal_attention(q, k, v, scale)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output) -> None:
+            q, k, v, scale = inputs
+            out, lse = output
+            ctx.mark_non_differentiable(lse)
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.scale = scale
+
+        @staticmethod
+        def backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
+            q, k, v, out, lse = ctx.saved_tensors
+            with torch.no_grad():
+                dq, dk, dv = torch.ops.fnlm.causal_attention_backward(q, k, v, out, lse, grad_out, ctx.scale)
+            return dq, dk, dv, None
+
+    def _fold_vmap_dim(op):
+        """A vmap rule: fold the vmapped dim of every tensor into its batch dim B, run, unfold."""
+
+        def rule(info, in_dims, *args):
+            def fold(arg, dim):
+                if not isinstance(arg, Tensor):
+                    return arg
+                batched = arg.movedim(dim, 0) if dim is not None else arg.expand(info.batch_size, *arg.shape)
+                return batched.flatten(0, 1)
+
+            outputs = op(*(fold(arg, dim) for arg, dim in zip(args, in_dims)))
+            return tuple(out.unflatten(0, (info.batch_size, -1)) for out in outputs), (0,) * len(outputs)
+
+        return rule
+
+    torch.library.register_vmap("fnlm::causal_attention", _fold_vmap_dim(torch.ops.fnlm.causal_attention))
+    torch.library.register_vmap(
+        "fnlm::causal_attention_backward", _fold_vmap_dim(torch.ops.fnlm.causal_attention_backward)
+    )

@@ -1,0 +1,81 @@
+"""The Triton attention kernels against the PyTorch definition, run by Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before the kernels are defined, so the checks run in a fresh
+interpreter process. The interpreter has no bfloat16, hence float16 here; the GPU benchmark
+(scripts/bench_train.py) compares bfloat16 training losses against the plain path.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+def check_kernels() -> None:
+    from fnlm import flash_attention
+    from fnlm.config import ModelConfig
+    from fnlm.model import init_params, transformer_lm
+    from fnlm.nn import cross_entropy, scaled_dot_product_attention
+    from fnlm.tree import tree_map
+
+    assert flash_attention.INTERPRET
+    for seq_len, head_dim in [(1, 16), (5, 32), (64, 32), (130, 64)]:
+        q, k, v = (torch.randn(2, 3, seq_len, head_dim, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                   for s in range(3))
+        grad_out = torch.randn(2, 3, seq_len, head_dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+
+        def loss(q, k, v, attend):
+            return (attend(q, k, v) * grad_out).sum()
+
+        half = [t.half() for t in (q, k, v)]
+        assert flash_attention.supports(half[0])
+        torch.testing.assert_close(
+            flash_attention.causal_attention(*half).double(), scaled_dot_product_attention(q, k, v, causal),
+            atol=5e-3, rtol=5e-3,
+        )
+        got = torch.func.grad(loss, argnums=(0, 1, 2))(*half, flash_attention.causal_attention)
+        want = torch.func.grad(loss, argnums=(0, 1, 2))(
+            q, k, v, lambda q, k, v: scaled_dot_product_attention(q, k, v, causal)
+        )
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, atol=2e-2, rtol=2e-2)
+
+    # vmap over grad, as a sweep of stacked models does
+    stacked = torch.stack([half[0], 2 * half[0]])
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(0, None, None, None))(
+        stacked, half[1], half[2], flash_attention.causal_attention
+    )
+    torch.testing.assert_close(grads[0], got[0])
+
+    # the whole model in float16 takes the kernel path and matches float64 without it
+    cfg = ModelConfig(vocab_size=50, context_length=24, d_model=64, num_layers=2, num_heads=2, d_ff=96)
+    params = init_params(cfg, seed=0, dtype=torch.float64)
+    ids = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss16 = cross_entropy(transformer_lm(tree_map(torch.Tensor.half, params), ids, cfg), ids)
+    loss64 = cross_entropy(transformer_lm(params, ids, cfg), ids)
+    assert abs(loss16.item() - loss64.item()) < 1e-2, (loss16, loss64)
+    print("flash attention kernels ok")
+
+
+def test_kernels_match_the_definition_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", "from tests.test_flash_attention import check_kernels; check_kernels()"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "flash attention kernels ok" in result.stdout
+
+
+def test_kernels_are_not_used_for_float32_or_on_the_cpu():
+    from fnlm import flash_attention
+
+    q = torch.zeros(1, 2, 8, 32)
+    assert not flash_attention.supports(q)
+    assert not flash_attention.supports(q.half()) or flash_attention.INTERPRET
