@@ -9,7 +9,9 @@ checks that they do. Each side runs in its own subprocess with a cold tokenizer:
   - tiktoken: Encoding.encode over the same chunks, one thread;
   - fnlm tokenize: encode_file (what `fnlm tokenize` runs) from the file to a .npy, all cores.
 Times exclude loading the tokenizer and reading the file (tokenize includes its own reads and
-writes). MB/s are of UTF-8 input. With --repeats > 1 the best time of each side is kept.
+writes). MB/s are of UTF-8 input. CPU seconds (all threads and worker processes) are printed
+beside wall seconds: on a machine that other jobs share they show what each side costs.
+With --repeats > 1 the sides alternate and the best time of each is kept.
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench_bpe import best, run_side
+from bench_bpe import best, run_side, timed
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 SPECIAL = "<|endoftext|>"
@@ -66,11 +67,9 @@ def side(name: str, corpus: str) -> dict:
 
         tokenizer = load_fnlm()
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            encode_file(tokenizer, corpus, Path(tmp) / "ids.npy", progress=False)
-            seconds = time.perf_counter() - start
+            _, cost = timed(encode_file, tokenizer, corpus, Path(tmp) / "ids.npy", progress=False)
             ids = np.load(Path(tmp) / "ids.npy")
-        return {"seconds": seconds, "tokens": len(ids), "digest": digest(ids)}
+        return {**cost, "tokens": len(ids), "digest": digest(ids)}
     texts = chunks(corpus)
     if name == "fnlm":
         encode = load_fnlm().encode
@@ -79,11 +78,9 @@ def side(name: str, corpus: str) -> dict:
 
         def encode(text: str) -> list[int]:
             return encoding.encode(text, allowed_special={SPECIAL})
-    start = time.perf_counter()
-    ids = [encode(text) for text in texts]
-    seconds = time.perf_counter() - start
+    ids, cost = timed(lambda: [encode(text) for text in texts])
     flat = np.fromiter((i for part in ids for i in part), dtype=np.uint32)
-    return {"seconds": seconds, "tokens": len(flat), "digest": digest(flat)}
+    return {**cost, "tokens": len(flat), "digest": digest(flat)}
 
 
 def main() -> None:
@@ -104,10 +101,13 @@ def main() -> None:
     print(f"corpus {args.corpus} ({size_mb:.1f} MB), GPT-2 vocabulary, {os.cpu_count()} cores")
     labels = {"tiktoken": "tiktoken, 1 thread", "fnlm": "fnlm encode, 1 process",
               "tokenize": f"fnlm tokenize, {os.cpu_count()} procs"}
+    tiktoken = result["tiktoken"]
     for name, r in result.items():
-        print(f"  {labels[name]:24s} {size_mb / r['seconds']:6.2f} MB/s  ({r['seconds']:.2f} s, {r['tokens']} tokens, "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB)  ratio to tiktoken "
-              f"{result['tiktoken']['seconds'] / r['seconds']:.2f}")
+        print(f"  {labels[name]:24s} {size_mb / r['seconds']:6.2f} MB/s  ratio {tiktoken['seconds'] / r['seconds']:.2f}"
+              f"  ({r['seconds']:.2f} s wall, {r['cpu_seconds']:.2f} s CPU, peak RSS {r['peak_rss_mb']:.0f} MB)")
+    print(f"  by CPU time: fnlm encode {tiktoken['cpu_seconds'] / result['fnlm']['cpu_seconds']:.2f} x tiktoken; "
+          f"fnlm tokenize on {os.cpu_count()} idle cores (CPU time / {os.cpu_count()}) "
+          f"{tiktoken['cpu_seconds'] * os.cpu_count() / result['tokenize']['cpu_seconds']:.2f} x tiktoken")
     same = len({r["digest"] for r in result.values()}) == 1
     print("  ids identical on all three sides" if same else "  IDS DIFFER between sides")
     if not same:

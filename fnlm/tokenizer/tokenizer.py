@@ -115,34 +115,33 @@ class Tokenizer:
     def _encode_block(self, items: list[list[str] | int], ids: list[int]) -> None:
         """Append the ids of a block: merge its misses together (bpe.Merger.many), then look every
         pre-token up in C (map, chain)."""
-        cache = self._cache
-        pieces = set(chain.from_iterable(item for item in items if not isinstance(item, int)))
-        cache.add(list(filterfalse(cache.__contains__, pieces)))
+        table = self._cache.fill(set(chain.from_iterable(item for item in items if not isinstance(item, int))))
         for item in items:
             if isinstance(item, int):
                 ids.append(item)
             else:
-                ids += chain.from_iterable(map(cache.__getitem__, item))
+                ids += chain.from_iterable(map(table.__getitem__, item))
 
 
-class _Cache(dict):
-    """pre-token -> ids, at most `size` entries, filled by `merger`. When full, the oldest
-    entries make room (dicts keep insertion order)."""
+class _Cache:
+    """pre-token -> ids for at most `size` pre-tokens, computed by `merger`.
+
+    When a block's misses would not fit, only the newest half of the table is kept, rebuilt as
+    a fresh dict: eviction costs O(1) a miss, and the table never fills with deleted slots.
+    """
 
     def __init__(self, merger: Merger, size: int) -> None:
-        super().__init__()
         self.merger, self.size = merger, max(size, 2)
+        self.table: dict[str, tuple[int, ...]] = {}
 
-    def add(self, pieces: Collection[str]) -> None:
-        """Merge and cache pieces (at most size // 2 of them) that are not cached."""
-        for old in list(islice(self, max(0, len(self) + len(pieces) - self.size))):
-            del self[old]
-        self.update(zip(pieces, self.merger.many(list(pieces))))
-
-    def __missing__(self, piece: str) -> tuple[int, ...]:
-        # A piece that add() found cached but evicted before its lookup.
-        self.add([piece])
-        return self[piece]
+    def fill(self, pieces: Collection[str]) -> dict[str, tuple[int, ...]]:
+        """The table, holding all of `pieces` (at most size // 2 of them)."""
+        missing = list(filterfalse(self.table.__contains__, pieces))
+        if len(self.table) + len(missing) > self.size:
+            self.table = dict(islice(self.table.items(), len(self.table) - self.size // 2, None))
+            missing = list(filterfalse(self.table.__contains__, pieces))
+        self.table.update(zip(missing, self.merger.many(missing)))
+        return self.table
 
 
 def _check_vocab(vocab: Mapping[int, bytes]) -> dict[int, bytes]:
