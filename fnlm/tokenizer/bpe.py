@@ -9,7 +9,7 @@ left to right; for merges learned in order this is the same as one at a time).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import repeat
+from itertools import islice, repeat
 
 import numpy as np
 
@@ -57,30 +57,31 @@ class Merger:
         piece; every round finishes the pieces without a mergeable pair and merges the best pair
         of each other piece.
         """
-        encoded = [piece.encode("utf-8") for piece in pieces]
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        ids = self.byte_table[np.frombuffer(b"".join(encoded), dtype=np.uint8)]
+        data = "".join(pieces).encode("utf-8")
+        lengths = np.fromiter(map(len, pieces) if len(data) == sum(map(len, pieces)) else  # ASCII: chars are bytes
+                              (len(piece.encode("utf-8")) for piece in pieces), dtype=np.int64, count=len(pieces))
+        ids = self.byte_table[np.frombuffer(data, dtype=np.uint8)]
         owner = np.repeat(np.arange(len(pieces)), lengths)
-        out: list[tuple[int, ...]] = [()] * len(pieces)
+        finished_ids, finished_owner = [], []
         while len(ids):
             starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
             sizes = np.diff(np.r_[starts, len(ids)])
             rank = self._pair_ranks(ids, owner)  # (N,): of the pair (i, i + 1), `never` across pieces
-            best = np.minimum.reduceat(rank, starts)
-            done = np.repeat(best == self.never, sizes)
+            best_of = np.repeat(np.minimum.reduceat(rank, starts), sizes)
+            done = best_of == self.never
             if done.any():
-                flat, ends = ids[done].tolist(), np.cumsum(sizes[best == self.never]).tolist()
-                for piece, start, end in zip(owner[starts[best == self.never]].tolist(), [0, *ends], ends):
-                    out[piece] = tuple(flat[start:end])
-                ids, owner, rank, best_of = ids[~done], owner[~done], rank[~done], np.repeat(best, sizes)[~done]
-            else:
-                best_of = np.repeat(best, sizes)
+                finished_ids.append(ids[done])
+                finished_owner.append(owner[done])
+                ids, owner, rank, best_of = ids[~done], owner[~done], rank[~done], best_of[~done]
             at = _leftmost_runs(np.flatnonzero(rank == best_of))
             ids[at] = self.merged_table[rank[at]]
             keep = np.ones(len(ids), dtype=bool)
             keep[at + 1] = False
             ids, owner = ids[keep], owner[keep]
-        return out
+        # Each piece finished in one round, its ids in order: a stable sort by piece restores them.
+        owner = np.concatenate(finished_owner)
+        flat = iter(np.concatenate(finished_ids)[np.argsort(owner, kind="stable")].tolist())
+        return list(map(tuple, map(islice, repeat(flat), np.bincount(owner, minlength=len(pieces)).tolist())))
 
     def _pair_ranks(self, ids: np.ndarray, owner: np.ndarray) -> np.ndarray:
         rank = self.rank_table.lookup(ids[:-1] * self.width + ids[1:])
