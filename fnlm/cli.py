@@ -9,11 +9,12 @@ import sys
 
 from . import __version__
 
-COMMANDS: tuple[str, ...] = (
-    "fnlm.download",
+COMMANDS: tuple[str, ...] = (  # in the order `fnlm --help` lists them
+    "fnlm.demo",
     "fnlm.tokenizer.cli",
-    "fnlm.generate_cli",
     "fnlm.train_cli",
+    "fnlm.generate_cli",
+    "fnlm.download",
 )
 
 
