@@ -64,8 +64,8 @@ class Merger:
         owner = np.repeat(np.arange(len(pieces)), lengths)
         finished_ids, finished_owner = [], []
         while len(ids):
-            starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-            sizes = np.diff(np.r_[starts, len(ids)])
+            starts = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1])))
+            sizes = np.diff(starts, append=len(ids))
             rank = self._pair_ranks(ids, owner)  # (N,): of the pair (i, i + 1), `never` across pieces
             best_of = np.repeat(np.minimum.reduceat(rank, starts), sizes)
             done = best_of == self.never
@@ -131,6 +131,6 @@ def _leftmost_runs(at: np.ndarray) -> np.ndarray:
     if len(at) < 2:
         return at
     index = np.arange(len(at))
-    chained = np.r_[False, at[1:] == at[:-1] + 1]
+    chained = np.concatenate(([False], at[1:] == at[:-1] + 1))
     run_start = np.maximum.accumulate(np.where(chained, 0, index))
     return at[(index - run_start) % 2 == 0]

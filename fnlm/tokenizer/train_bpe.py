@@ -124,7 +124,7 @@ class _State:
             return []
         order = np.argsort(pairs, kind="stable")
         pairs = pairs[order]
-        starts = np.flatnonzero(np.r_[True, pairs[1:] != pairs[:-1]])
+        starts = np.flatnonzero(np.concatenate(([True], pairs[1:] != pairs[:-1])))
         sums = np.add.reduceat(deltas[order], starts)
         touched = pairs[starts].tolist()
         counts = self.counts
@@ -165,7 +165,7 @@ class _State:
         # right pair of the first, and after the merge it is (c, c).
         follows = np.zeros(len(at), dtype=bool)
         follows[:-1] = right[:-1] == at[1:]
-        precedes = np.r_[False, follows[:-1]]
+        precedes = np.concatenate(([False], follows[:-1]))
         left_tok, right_tok = tok[left].astype(np.int64), tok[right].astype(np.int64)
         has_left, has_right = (left_tok >= 0) & ~precedes, right_tok >= 0
         new_right = np.where(follows, c, right_tok)
@@ -198,7 +198,7 @@ class _State:
         if a == b and len(at) > 1:
             # In a run of overlapping occurrences keep the 1st, 3rd, ...: merging is left to right.
             index = np.arange(len(at))
-            chained = np.r_[False, at[1:] == nxt[at[:-1]]]
+            chained = np.concatenate(([False], at[1:] == nxt[at[:-1]]))
             run_start = np.maximum.accumulate(np.where(chained, 0, index))
             at = at[(index - run_start) % 2 == 0]
         return at
