@@ -24,7 +24,8 @@ class Merger:
         self.ranks = {(left, right): rank for rank, (left, right, _) in enumerate(merges)}
         self.merged = [merged for _, _, merged in merges]
         self.never = len(merges)  # the rank of a pair that has no merge
-        self.width = max([*self.byte_ids, *(i for merge in merges for i in merge)]) + 1  # pair key: left * width + right
+        # a pair (left, right) has the key left * width + right
+        self.width = max([*self.byte_ids, *(i for merge in merges for i in merge)]) + 1
         self.rank_table = _RankTable([left * self.width + right for left, right, _ in merges], self.never)
         self.byte_table = np.array(self.byte_ids, dtype=np.int64)
         self.merged_table = np.array([*self.merged, -1], dtype=np.int64)

@@ -49,12 +49,10 @@ def save(directory: str | os.PathLike, vocab: Mapping[int, bytes], merges: Seque
     """Write vocab.json (one token a line, by id) and merges.txt into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    lines = [f"  {json.dumps(token_to_text(vocab[i]), ensure_ascii=False)}: {i}" for i in sorted(vocab)]
-    (directory / "vocab.json").write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
-    (directory / "merges.txt").write_text(
-        "".join(f"{line}\n" for line in [MERGES_HEADER, *(f"{token_to_text(a)} {token_to_text(b)}" for a, b in merges)]),
-        encoding="utf-8",
-    )
+    entries = [f"  {json.dumps(token_to_text(vocab[i]), ensure_ascii=False)}: {i}" for i in sorted(vocab)]
+    (directory / "vocab.json").write_text("{\n" + ",\n".join(entries) + "\n}\n", encoding="utf-8")
+    lines = [MERGES_HEADER, *(f"{token_to_text(a)} {token_to_text(b)}" for a, b in merges)]
+    (directory / "merges.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
 def load_vocab(path: str | os.PathLike) -> dict[int, bytes]:
