@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import eval_batches, gather_windows, load_tokens, resolve_device, sample_starts
 from .model import init_params
-from .optim import adamw, schedule_value, warmup_cosine_schedule
+from .optim import GradientTransformation, Schedule, adamw, schedule_value, warmup_cosine_schedule
 from .progress import Progress
 from .tree import unflatten
 from .train import eval_result, evaluate, make_loss_fn, make_train_step, parse_autocast
@@ -76,9 +77,7 @@ class _Run:
         self.val_tokens = (
             load_tokens(cfg.val_data, vocab_size=model_cfg.vocab_size, dtype=cfg.data_dtype) if cfg.val_data else None
         )
-        self.schedule = warmup_cosine_schedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps)
-        optimizer = adamw(self.schedule, cfg.beta1, cfg.beta2, cfg.adam_eps, cfg.weight_decay,
-                          max_grad_norm=cfg.max_grad_norm)
+        optimizer, self.schedule = make_optimizer(cfg)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.params, self.opt_state, self.step, self.wall_before = _start_or_resume(
             run_dir, model_cfg, cfg, optimizer, self.generator, device, resume, world
@@ -181,6 +180,24 @@ class _Run:
 
     def _wall(self) -> float:
         return self.wall_before + time.perf_counter() - self.start
+
+
+def make_optimizer(cfg: TrainConfig, **hparams: Tensor) -> tuple[GradientTransformation, Schedule]:
+    """(AdamW after clipping, its warm-up cosine schedule) as `cfg` describes them.
+
+    hparams replace cfg's lr, min_lr, warmup_steps, cosine_steps, weight_decay or max_grad_norm
+    with 0-d tensors: a sweep's per-run values, batched by vmap inside the step (fnlm.sweep).
+    """
+    values = {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps, "cosine_steps": cfg.decay_steps,
+              "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm}
+    unknown = sorted(hparams.keys() - values.keys())
+    if unknown:
+        raise ValueError(f"make_optimizer: {unknown} cannot be tensors; tensors may replace {sorted(values)}")
+    values |= hparams
+    schedule = warmup_cosine_schedule(values["lr"], values["min_lr"], values["warmup_steps"], values["cosine_steps"])
+    optimizer = adamw(schedule, cfg.beta1, cfg.beta2, cfg.adam_eps, values["weight_decay"],
+                      max_grad_norm=values["max_grad_norm"])
+    return optimizer, schedule
 
 
 def _start_or_resume(run_dir, model_cfg, cfg, optimizer, generator, device, resume, world):

@@ -182,8 +182,15 @@ def check_token_ids(token_ids: Tensor, cfg: ModelConfig) -> None:
         raise ValueError(
             f"sequence length {token_ids.shape[-1]} exceeds context_length {cfg.context_length}"
         )
-    if torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(token_ids):
+    if torch.compiler.is_compiling() or _under_vmap():
         return
     if token_ids.numel() and bool(((token_ids < 0) | (token_ids >= cfg.vocab_size)).any()):
         bad = token_ids[(token_ids < 0) | (token_ids >= cfg.vocab_size)][0].item()
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+
+
+def _under_vmap() -> bool:
+    """Inside torch.func.vmap, where reading a value is an error (under grad, ids are wrapped
+    tensors even when they are not batched, so the tensor itself cannot tell)."""
+    functorch = torch._C._functorch
+    return any(level.key() == functorch.TransformType.Vmap for level in functorch.get_interpreter_stack() or ())

@@ -3,11 +3,17 @@
     fnlm train --config tinystories.toml --out runs/ts --train-data train.npy --val-data valid.npy
     fnlm train --out runs/ts --resume                 # continue exactly where the run stopped
     torchrun --standalone --nproc_per_node 2 -m fnlm train ...   # data parallel
+    fnlm train ... --out runs/lr --sweep lr=3e-4,1e-3,3e-3 --sweep seed=0,1   # 6 runs as one vmapped program
 
 Every ModelConfig and TrainConfig field is a flag (--d-model, --lr, --compile/--no-compile, ...);
 a JSON or TOML config file {"model": {...}, "train": {...}} gives base values that flags
 override. On resume, the run directory's config.json is the configuration; flags may change
 only how the run proceeds (RUNTIME_FIELDS), not what it computes.
+
+--sweep NAME=V1,V2,... (repeatable: the grid of the axes; NAME1:NAME2=A1:B1,A2:B2 varies two
+together) trains every run at once with one torch.func.vmap'd step (fnlm.sweep); --out then holds
+sweep.json, learning_curves.png and one ordinary run directory per run. Sweepable: lr, min_lr,
+warmup_steps, cosine_steps, weight_decay, max_grad_norm, seed.
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", type=Path, help="JSON or TOML file with 'model' and 'train' tables")
     parser.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress line")
+    parser.add_argument("--sweep", action="append", metavar="NAME=V1,V2,...",
+                        help="train a grid of runs as one vmapped program (repeat for more axes)")
+    parser.add_argument("--sweep-stream", choices=("per-run", "same"),
+                        help="per-run (default): each run's batches from its own seed; same: all from --seed's")
     for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
         group = parser.add_argument_group(f"{section} ({cls.__name__}; defaults in fnlm/config.py)")
         for field in dataclasses.fields(cls):
@@ -53,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from .data import resolve_device
     from .loop import load_run_config, train
+    from .sweep import is_sweep_dir, load_sweep_config, train_sweep
     from .train import keep_freed_memory
 
     flags = {"model": {}, "train": {}}
@@ -61,8 +72,17 @@ def run_train(args: argparse.Namespace) -> int:
         if section in flags:
             flags[section][name] = value
     resume = getattr(args, "resume", False)
+    sweep = _sweep_request(args)
     if resume:
-        model_cfg, train_cfg = load_run_config(args.out)
+        if is_sweep_dir(args.out):
+            model_cfg, train_cfg, *saved = load_sweep_config(args.out)
+            if sweep is not None and sweep != tuple(saved):
+                raise ValueError("--resume continues the saved sweep; drop --sweep/--sweep-stream or match them")
+            sweep = tuple(saved)
+        else:
+            if sweep is not None:
+                raise ValueError(f"--resume --sweep: {args.out} is not a sweep directory (no sweep.json)")
+            model_cfg, train_cfg = load_run_config(args.out)
         train_cfg = _resume_overrides(model_cfg, train_cfg, flags)
     else:
         base = _read_config_file(args.config) if getattr(args, "config", None) else {"model": {}, "train": {}}
@@ -72,13 +92,35 @@ def run_train(args: argparse.Namespace) -> int:
     if resolve_device(train_cfg.device).type == "cpu":
         keep_freed_memory()  # a quarter of an eager CPU step went to page faults without it
     stop = _StopOnInterrupt()
+    show_progress = not getattr(args, "no_progress", False)
     with stop:
-        result = train(model_cfg, train_cfg, args.out, resume=resume,
-                       show_progress=not getattr(args, "no_progress", False), should_stop=stop)
-    summary = {"step": result.step, "train_loss": result.train_loss, "val_loss": result.val_loss,
-               "checkpoint": str(result.checkpoint) if result.checkpoint else None, "interrupted": result.interrupted}
+        if sweep is not None:
+            axes, stream = sweep
+            result = train_sweep(model_cfg, train_cfg, axes, args.out, stream=stream, resume=resume,
+                                 show_progress=show_progress, should_stop=stop)
+        else:
+            result = train(model_cfg, train_cfg, args.out, resume=resume, show_progress=show_progress,
+                           should_stop=stop)
+    if sweep is not None:
+        summary = result.summary()
+    else:
+        summary = {"step": result.step, "train_loss": result.train_loss, "val_loss": result.val_loss,
+                   "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                   "interrupted": result.interrupted}
     print(json.dumps(summary), file=sys.stderr)
     return INTERRUPTED if result.interrupted else 0
+
+
+def _sweep_request(args: argparse.Namespace) -> tuple[list, str] | None:
+    """(axes, stream) from --sweep / --sweep-stream, or None for a single run."""
+    from .sweep import parse_axis
+
+    texts, stream = getattr(args, "sweep", None), getattr(args, "sweep_stream", None)
+    if texts is None:
+        if stream is not None:
+            raise ValueError("--sweep-stream needs --sweep")
+        return None
+    return [parse_axis(text) for text in texts], stream or "per-run"
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ PyTree = Any  # nested dicts / lists / tuples / NamedTuples with tensor (or spec
 __all__ = [
     "PyTree",
     "flatten",
+    "foreach",
     "global_norm",
     "tree_flatten",
     "tree_leaves",
@@ -88,8 +89,36 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     if not leaves:
         return torch.zeros(())
     dtype = functools.reduce(torch.promote_types, (leaf.dtype for leaf in leaves), torch.float32)
-    norms = torch._foreach_norm(leaves, 2, dtype=dtype)  # one multi-tensor kernel, not one per leaf
+    norms = foreach("norm", leaves, 2, dtype=dtype)  # one multi-tensor kernel, not one per leaf
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def foreach(op: str, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+    """torch._foreach_<op>(*args, **kwargs): one multi-tensor kernel over lists of leaves.
+
+    Under torch.func.vmap (any tensor argument a functorch BatchedTensor, e.g. a sweep's stacked
+    runs, fnlm.sweep) the same op runs leaf by leaf instead, since foreach ops have no batching
+    rules: list arguments are zipped, the others go to every leaf. Inductor fuses either form.
+    """
+    lists = [arg for arg in args if isinstance(arg, (list, tuple))]
+    if not any(map(_is_batched, (*(x for xs in lists for x in xs), *args, *kwargs.values()))):
+        return getattr(torch, f"_foreach_{op}")(*args, **kwargs)
+    per_leaf = _PER_LEAF.get(op) or getattr(torch.Tensor, op)
+    return [
+        per_leaf(*(arg[i] if isinstance(arg, (list, tuple)) else arg for arg in args), **kwargs)
+        for i in range(len(lists[0]))
+    ]
+
+
+_PER_LEAF: dict[str, Callable[..., torch.Tensor]] = {
+    "norm": torch.linalg.vector_norm,
+    # vmap has no rule for the in-place addcmul_ (it would loop over the runs): same arithmetic, out of place
+    "addcmul_": lambda leaf, a, b, value=1: leaf.copy_(torch.addcmul(leaf, a, b, value=value)),
+}
+
+
+def _is_batched(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and torch._C._functorch.is_batchedtensor(value)
 
 
 def _join(path: tuple[Any, ...]) -> str:

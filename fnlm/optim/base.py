@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, tree_flatten, tree_leaves, tree_unflatten
+from ..tree import PyTree, foreach, tree_flatten, tree_leaves, tree_unflatten
 
 OptState = Any  # a NamedTuple, or a tuple of them for a chain
 
@@ -52,7 +52,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """params + updates, leafwise, out of place."""
     leaves, structure = tree_flatten(params)
-    return tree_unflatten(structure, torch._foreach_add(leaves, tree_leaves(updates)))
+    return tree_unflatten(structure, foreach("add", leaves, tree_leaves(updates)))
 
 
 def find_state(state: OptState, kind: type) -> Any | None:
@@ -88,8 +88,18 @@ def zero_count(params: PyTree) -> Tensor:
     return torch.zeros((), dtype=torch.int32, device=leaves[0].device if leaves else "cpu")
 
 
-def hyperparameter(name: str, value: Any, expected: str, ok: Callable[[float], bool]) -> float:
-    """`value` as a float, or a TypeError (not a number) / ValueError (not `expected`) naming it."""
+def hyperparameter(
+    name: str, value: Any, expected: str, ok: Callable[[float], bool], *, tensor_ok: bool = False
+) -> float | Tensor:
+    """`value` as a float, or a TypeError (not a number) / ValueError (not `expected`) naming it.
+
+    With tensor_ok, a 0-d floating tensor passes through unchecked: a per-run value of a sweep,
+    batched by torch.func.vmap (fnlm.sweep), whose range its caller checked as a float.
+    """
+    if tensor_ok and isinstance(value, Tensor):
+        if value.ndim != 0 or not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a 0-d floating tensor, got {value.dtype} of shape {tuple(value.shape)}")
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     if math.isnan(value) or not ok(value):

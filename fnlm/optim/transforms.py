@@ -1,7 +1,9 @@
 """Gradient transformations: clipping, Adam's moments, decoupled weight decay, the learning rate.
 
 Each works on a tree's leaves as one list with torch._foreach_* ops (one multi-tensor kernel per
-operation in eager mode, instead of one kernel per leaf; inductor fuses either under compile).
+operation in eager mode, instead of one kernel per leaf; inductor fuses either under compile;
+fnlm.tree.foreach runs them leaf by leaf under vmap). The learning rate, weight decay and
+clipping norm may be 0-d tensors, such as a sweep's per-run values (fnlm.sweep).
 Temporaries created here may be updated in place; arguments never are.
 """
 
@@ -15,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, global_norm, tree_flatten, tree_leaves, tree_unflatten, zeros_like
+from ..tree import PyTree, foreach, global_norm, tree_flatten, tree_leaves, tree_unflatten, zeros_like
 from .base import EmptyState, GradientTransformation, hyperparameter, map_leaves, zero_count
 from .schedules import Schedule
 
@@ -26,17 +28,17 @@ class ClipByGlobalNormState(NamedTuple):
     grad_norm: Tensor  # 0-d float32: the global norm of the last update's gradients, before clipping
 
 
-def clip_factor(norm: Tensor, max_norm: float) -> Tensor:
+def clip_factor(norm: Tensor, max_norm: float | Tensor) -> Tensor:
     """max_norm / (norm + 1e-6) where norm > max_norm, else 1: a tensor select, not a Python branch."""
     return torch.where(norm > max_norm, max_norm / (norm + CLIP_EPS), torch.ones_like(norm))
 
 
-def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+def clip_by_global_norm(max_norm: float | Tensor) -> GradientTransformation:
     """Scale all updates together so that their global L2 norm is at most `max_norm`.
 
     The pre-clip norm stays in the state, so a training step can log it without a second pass.
     """
-    max_norm = hyperparameter("max_norm", max_norm, "> 0", lambda v: v > 0)
+    max_norm = hyperparameter("max_norm", max_norm, "> 0", lambda v: v > 0, tensor_ok=True)
 
     def init(params: PyTree) -> ClipByGlobalNormState:
         return ClipByGlobalNormState(torch.zeros((), device=zero_count(params).device))
@@ -44,7 +46,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     def update(updates: PyTree, state: ClipByGlobalNormState, params: PyTree | None = None):
         norm = global_norm(updates)
         scale = clip_factor(norm, max_norm)
-        clipped = map_leaves(lambda leaves: torch._foreach_mul(leaves, scale), updates)
+        clipped = map_leaves(lambda leaves: foreach("mul", leaves, scale), updates)
         return clipped, ClipByGlobalNormState(norm.float())
 
     return GradientTransformation(init, update)
@@ -71,19 +73,19 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
 
     def update(updates: PyTree, state: ScaleByAdamState, params: PyTree | None = None):
         grads, structure = tree_flatten(updates)
-        mu = torch._foreach_lerp(tree_leaves(state.mu), grads, 1 - b1)
-        nu = torch._foreach_mul(tree_leaves(state.nu), b2)
-        torch._foreach_addcmul_(nu, grads, grads, value=1 - b2)
+        mu = foreach("lerp", tree_leaves(state.mu), grads, 1 - b1)
+        nu = foreach("mul", tree_leaves(state.nu), b2)
+        foreach("addcmul_", nu, grads, grads, value=1 - b2)
         count = state.count + 1
         dtype = functools.reduce(torch.promote_types, (m.dtype for m in mu), torch.float32)
         correction1, correction2 = (_bias_correction(b, count, dtype) for b in (b1, b2))
         # (m / c1) / (sqrt(v / c2) + eps). Tensor scalars only multiply: dynamo turns a foreach
         # add of a tensor scalar into .item(), a graph break.
-        denom = torch._foreach_sqrt(nu)
-        torch._foreach_mul_(denom, correction2.rsqrt())
-        torch._foreach_add_(denom, eps)
-        torch._foreach_mul_(denom, correction1)
-        directions = torch._foreach_div(mu, denom)
+        denom = foreach("sqrt", nu)
+        foreach("mul_", denom, correction2.rsqrt())
+        foreach("add_", denom, eps)
+        foreach("mul_", denom, correction1)
+        directions = foreach("div", mu, denom)
         new_state = ScaleByAdamState(count, tree_unflatten(structure, mu), tree_unflatten(structure, nu))
         return tree_unflatten(structure, directions), new_state
 
@@ -97,18 +99,18 @@ def _bias_correction(decay: float, count: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def add_decayed_weights(
-    weight_decay: float, mask: PyTree | Callable[[PyTree], PyTree] | None = None
+    weight_decay: float | Tensor, mask: PyTree | Callable[[PyTree], PyTree] | None = None
 ) -> GradientTransformation:
     """u -> u + weight_decay * params on the leaves where `mask` is True (every leaf by default).
 
     `mask` is a tree of bools shaped like params, or a function params -> such a tree.
     """
-    weight_decay = hyperparameter("weight_decay", weight_decay, ">= 0", lambda v: v >= 0)
+    weight_decay = hyperparameter("weight_decay", weight_decay, ">= 0", lambda v: v >= 0, tensor_ok=True)
 
     def update(updates: PyTree, state: EmptyState, params: PyTree | None = None):
         if params is None:
             raise ValueError("add_decayed_weights needs params: call update(updates, state, params)")
-        if weight_decay == 0:
+        if isinstance(weight_decay, float) and weight_decay == 0:
             return updates, state
         leaves, structure = tree_flatten(updates)
         param_leaves = tree_leaves(params)
@@ -116,7 +118,11 @@ def add_decayed_weights(
         if len(decays) != len(leaves) or not all(isinstance(d, bool) for d in decays):
             raise ValueError(f"mask must be a tree of {len(leaves)} bools shaped like params")
         chosen = [i for i, decays_leaf in enumerate(decays) if decays_leaf]
-        decayed = torch._foreach_add([leaves[i] for i in chosen], [param_leaves[i] for i in chosen], alpha=weight_decay)
+        chosen_params = [param_leaves[i] for i in chosen]
+        if isinstance(weight_decay, Tensor):  # foreach alphas are Python numbers; tensor scalars multiply
+            decayed = foreach("add", [leaves[i] for i in chosen], foreach("mul", chosen_params, weight_decay))
+        else:
+            decayed = foreach("add", [leaves[i] for i in chosen], chosen_params, alpha=weight_decay)
         for i, leaf in zip(chosen, decayed):
             leaves[i] = leaf
         return tree_unflatten(structure, leaves), state
@@ -128,13 +134,13 @@ class ScaleByScheduleState(NamedTuple):
     count: Tensor  # 0-d int32: the schedule's step, the number of updates so far
 
 
-def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransformation:
-    """u -> -lr * u (a descent step). `learning_rate` is a float or a schedule of the step count."""
+def scale_by_learning_rate(learning_rate: float | Tensor | Schedule) -> GradientTransformation:
+    """u -> -lr * u (a descent step). `learning_rate` is a float (or 0-d tensor) or a schedule of the step count."""
     if not callable(learning_rate):
-        lr = hyperparameter("learning_rate", learning_rate, ">= 0", lambda v: v >= 0)
+        lr = hyperparameter("learning_rate", learning_rate, ">= 0", lambda v: v >= 0, tensor_ok=True)
 
         def scale(updates: PyTree, state: EmptyState, params: PyTree | None = None):
-            return map_leaves(lambda leaves: torch._foreach_mul(leaves, -lr), updates), state
+            return map_leaves(lambda leaves: foreach("mul", leaves, -lr), updates), state
 
         return GradientTransformation(lambda params: EmptyState(), scale)
 
@@ -143,6 +149,6 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
 
     def update(updates: PyTree, state: ScaleByScheduleState, params: PyTree | None = None):
         neg_lr = -learning_rate(state.count)
-        return map_leaves(lambda leaves: torch._foreach_mul(leaves, neg_lr), updates), ScaleByScheduleState(state.count + 1)
+        return map_leaves(lambda leaves: foreach("mul", leaves, neg_lr), updates), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
