@@ -20,6 +20,7 @@ from fnlm.tokenizer import Tokenizer
 from fnlm.tokenizer.bpe import Merger
 from fnlm.tokenizer.gpt2 import text_to_token
 from fnlm.tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN, last_cut, pretokenize
+from fnlm.tokenizer.tokenizer import CACHE_SIZE
 from tests import adapters
 from tests.conftest import FIXTURES
 
@@ -190,7 +191,7 @@ print(count, digest)
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS semantics")
-@pytest.mark.parametrize("novel, cache_size", [(0.0, 1 << 17), (0.1, 1 << 13)], ids=["default-cache", "churning-cache"])
+@pytest.mark.parametrize("novel, cache_size", [(0.0, CACHE_SIZE), (0.1, 1 << 13)], ids=["default-cache", "churning-cache"])
 def test_encode_iterable_streams_5mb_under_rss_plus_1mb(tmp_path, gpt2, novel, cache_size):
     """A fresh process (no torch: its address space is far above its RSS) builds a tokenizer,
     sets RLIMIT_AS to RSS + 1 MB, and only then pulls every id of a 5 MB file through

@@ -11,7 +11,7 @@ from .bpe import Merger
 from .pretokenize import last_cut, pretokenize, special_pattern
 
 STREAM_BLOCK = 1 << 12  # characters encode_iterable gathers before it encodes (amortizes a call)
-CACHE_SIZE = 1 << 17  # pre-tokens; about 20 MB, and misses cost ~10x hits
+CACHE_SIZE = 1 << 18  # pre-tokens (~40 MB); encoding the 92 MB English corpus took 15% longer with 2**17
 
 
 class Tokenizer:
