@@ -95,7 +95,7 @@ def map_chunks(function: Callable[..., T], args: tuple, bounds: Sequence[int], n
 
     Runs in `num_workers` forked processes (default: all cores; forked, so `function` and
     `args` need no pickling and callers need no `if __name__ == "__main__"` guard), each
-    taking runs of up to 16 chunks (a quarter of its share at most, for balance): one result
+    taking runs of up to 16 chunks (an eighth of its share at most, for balance): one result
     per run to send back, and a worker's cache meets text like what it has just seen. With one
     worker (or one chunk) it runs here, one chunk a run. Results come in file order if
     `ordered`, else as they are ready.
@@ -107,7 +107,7 @@ def map_chunks(function: Callable[..., T], args: tuple, bounds: Sequence[int], n
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         yield from ((end - start, function(*args, [(start, end)])) for start, end in ranges)
         return
-    size = min(16, max(1, len(ranges) // (4 * workers)))
+    size = min(16, max(1, len(ranges) // (8 * workers)))
     runs = [ranges[i : i + size] for i in range(0, len(ranges), size)]
     with multiprocessing.get_context("fork").Pool(workers, _set_job, (function, args)) as pool:
         yield from (pool.imap if ordered else pool.imap_unordered)(_run, runs)
