@@ -101,7 +101,9 @@ def foreach(op: str, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
     rules: list arguments are zipped, the others go to every leaf. Inductor fuses either form.
     """
     lists = [arg for arg in args if isinstance(arg, (list, tuple))]
-    if not any(map(_is_batched, (*(x for xs in lists for x in xs), *args, *kwargs.values()))):
+    # A list's first leaf stands for the list: vmap batches a tree's leaves alike, and a mix
+    # would still fail loudly in the foreach op rather than compute anything wrong.
+    if not any(map(_is_batched, (*(xs[0] for xs in lists if xs), *args, *kwargs.values()))):
         return getattr(torch, f"_foreach_{op}")(*args, **kwargs)
     per_leaf = _PER_LEAF.get(op) or getattr(torch.Tensor, op)
     return [
