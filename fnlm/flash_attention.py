@@ -208,16 +208,19 @@ if triton is not None:
         )
         return dq, dk, dv
 
+    # wrap_triton lets torch.compile trace the launches; interpreted kernels are launched as they are.
+    _launcher = (lambda kernel: kernel) if INTERPRET else torch.library.wrap_triton
+
     @torch.library.triton_op("fnlm::causal_attention", mutates_args=())
     def _causal_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """(out (B, H, T, D), log-sum-exp (B, H, T) float32)."""
-        return _launch_forward(torch.library.wrap_triton, q, k, v, scale)
+        return _launch_forward(_launcher, q, k, v, scale)
 
     @torch.library.triton_op("fnlm::causal_attention_backward", mutates_args=())
     def _causal_attention_backward_op(
         q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, scale: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        return _launch_backward(torch.library.wrap_triton, q, k, v, out, lse, grad_out, scale)
+        return _launch_backward(_launcher, q, k, v, out, lse, grad_out, scale)
 
     class _CausalAttention(torch.autograd.Function):
         """The ops' autograd, in the setup_context style that torch.func transforms require; the

@@ -558,12 +558,13 @@ def plot_sweep(run_dirs: Sequence[Path], png_path: Path) -> Path | None:
         if val:
             axis.plot(*zip(*val), ".", linestyle=":", color=colour, label=None if train else label)
     finite = [loss for loss in first_losses if math.isfinite(loss)]
+    axis.set_yscale("log")  # losses a decade apart stay readable side by side
     if finite:
         axis.set_ylim(top=max(finite) * 1.05)  # a blown-up run must not flatten the others
     axis.set_xlabel("step")
     axis.set_ylabel("loss (solid: train, dotted: validation)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(png_path, dpi=120)
     plt.close(figure)
