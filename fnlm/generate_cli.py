@@ -3,8 +3,8 @@
     fnlm generate --checkpoint runs/ts/ckpt.pt --tokenizer tok/ --prompt "Once upon a time"
     fnlm generate ... --temperature 0.8 --top-p 0.9 --num-samples 3 --seed 7
 
-The tokenizer directory holds vocab.json and merges.txt (GPT-2's format, as Tokenizer.save
-writes them). Sample i draws from its own generator seeded with seed + i, so any one sample can
+The tokenizer directory is one that `fnlm train-bpe` or Tokenizer.save wrote: vocab.json and
+merges.txt (GPT-2's format) and special_tokens.json. Sample i draws from its own generator seeded with seed + i, so any one sample can
 be reproduced alone with --seed SEED+i --num-samples 1. A sample stops at the --eos token or after
 --max-new-tokens. Output is the prompt and its completion on stdout; notes go to stderr.
 """
@@ -68,9 +68,9 @@ def generate_samples(args: argparse.Namespace, *, out: TextIO, notes: TextIO) ->
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    tokenizer = Tokenizer.from_files(
-        args.tokenizer / "vocab.json", args.tokenizer / "merges.txt", special_tokens=[args.eos] if args.eos else None
-    )
+    tokenizer = Tokenizer.load(args.tokenizer)
+    if args.eos and args.eos not in tokenizer.special_tokens:
+        tokenizer = Tokenizer.load(args.tokenizer, [*tokenizer.special_tokens, args.eos])
     checkpoint = load_checkpoint(args.checkpoint, map_location=args.device)
     cfg = checkpoint.model_config
     if len(tokenizer.vocab) > cfg.vocab_size:

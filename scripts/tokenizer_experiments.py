@@ -142,7 +142,7 @@ def documents(text: str) -> list[str]:
 def load_tokenizer(directory: Path):
     from fnlm.tokenizer import Tokenizer
 
-    return Tokenizer.from_files(directory / "vocab.json", directory / "merges.txt", [SPECIAL])
+    return Tokenizer.load(directory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,8 +158,7 @@ def job_train(input: str, vocab_size: int, out: str) -> dict:
     """
     import importlib
 
-    from fnlm.tokenizer import gpt2
-    from fnlm.tokenizer.cli import SPECIAL_TOKENS_FILE
+    from fnlm.tokenizer import Tokenizer
 
     tb = importlib.import_module("fnlm.tokenizer.train_bpe")  # the module (the package's name is the function)
     phases: dict[str, dict] = {}
@@ -184,8 +183,7 @@ def job_train(input: str, vocab_size: int, out: str) -> dict:
     phases["merge_loop"] = {key: round(total.result[key] - phases["pretokenize"][key] - phases["merge_setup"][key], 3)
                             for key in ("wall_s", "cpu_s")}
     out = Path(out)
-    gpt2.save(out, vocab, merges)
-    (out / SPECIAL_TOKENS_FILE).write_text(json.dumps([SPECIAL]) + "\n", encoding="utf-8")
+    Tokenizer(vocab, merges, [SPECIAL]).save(out)
     rss = {who: resource.getrusage(w).ru_maxrss / 1024 for who, w in
            (("self", resource.RUSAGE_SELF), ("largest_worker", resource.RUSAGE_CHILDREN))}
     return {**total.result, "phases": phases, **stats, "vocab_size": len(vocab), "merges": len(merges),

@@ -314,3 +314,13 @@ def test_importing_the_tokenizer_does_not_import_torch():
     code = "import sys, fnlm.tokenizer, fnlm.tokenizer.cli; print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert run.stdout.strip() == "False", run.stderr
+
+
+def test_save_and_load_keep_the_special_tokens(tmp_path, gpt2):
+    tokenizer = Tokenizer(gpt2.vocab, gpt2.merges, [EOT, EOT + EOT])
+    tokenizer.save(tmp_path / "tok")
+    loaded = Tokenizer.load(tmp_path / "tok")
+    assert loaded.special_tokens == tokenizer.special_tokens
+    text = f"Hello{EOT}{EOT} world{EOT}"
+    assert loaded.encode(text) == tokenizer.encode(text)
+    assert Tokenizer.load(tmp_path / "tok", []).special_tokens == []

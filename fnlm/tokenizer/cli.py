@@ -18,12 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import gpt2
 from .encode_file import encode_file
-from .tokenizer import Tokenizer
+from .tokenizer import SPECIAL_TOKENS_FILE, Tokenizer
 from .train_bpe import train_bpe
-
-SPECIAL_TOKENS_FILE = "special_tokens.json"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,8 +55,7 @@ def run_train_bpe(args: argparse.Namespace) -> int:
     vocab, merges = train_bpe(args.input, args.vocab_size, args.special_tokens,
                               num_workers=args.workers, progress=not args.quiet)
     wall = time.perf_counter() - start
-    gpt2.save(args.out, vocab, merges)
-    (args.out / SPECIAL_TOKENS_FILE).write_text(json.dumps(args.special_tokens) + "\n", encoding="utf-8")
+    Tokenizer(vocab, merges, args.special_tokens).save(args.out)
     specials = {token.encode("utf-8") for token in args.special_tokens}
     longest = max((token for token in vocab.values() if token not in specials), key=len)
     stats = {
@@ -80,10 +76,7 @@ def run_train_bpe(args: argparse.Namespace) -> int:
 
 def run_tokenize(args: argparse.Namespace) -> int:
     """Encode a UTF-8 text file with a trained tokenizer, in parallel over chunks, into a .npy array."""
-    special_tokens = args.special_tokens
-    if special_tokens is None and (args.tokenizer / SPECIAL_TOKENS_FILE).exists():
-        special_tokens = json.loads((args.tokenizer / SPECIAL_TOKENS_FILE).read_text(encoding="utf-8"))
-    tokenizer = Tokenizer.from_files(args.tokenizer / "vocab.json", args.tokenizer / "merges.txt", special_tokens)
+    tokenizer = Tokenizer.load(args.tokenizer, args.special_tokens)
     start = time.perf_counter()
     count = encode_file(tokenizer, args.input, args.output, num_workers=args.workers, progress=not args.quiet)
     wall = time.perf_counter() - start
