@@ -54,9 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             _add_field_flag(group, section, field)
     parser.set_defaults(run=run_train)
 
-    export = subparsers.add_parser("export", help="write a checkpoint's parameters to a numpy .npz")
-    export.add_argument("checkpoint", type=Path)
-    export.add_argument("out", type=Path)
+    export = subparsers.add_parser("export", help="write a checkpoint's parameters to a numpy .npz",
+                                   description="Write a checkpoint's parameters, flattened to dotted names, "
+                                               "to an .npz file that numpy reads without torch.")
+    export.add_argument("checkpoint", type=Path, help="a checkpoint written by fnlm train")
+    export.add_argument("out", type=Path, help="the .npz file to write")
     export.set_defaults(run=run_export)
 
 
