@@ -11,7 +11,7 @@ override. On resume, the run directory's config.json is the configuration; flags
 only how the run proceeds (RUNTIME_FIELDS), not what it computes.
 
 --sweep NAME=V1,V2,... (repeatable: the grid of the axes; NAME1:NAME2=A1:B1,A2:B2 varies two
-together) trains every run at once with one torch.func.vmap'd step (fnlm.sweep); --out then holds
+together) trains every run at once with one torch.func.vmap'd step (fnlm.sweep_loop); --out then holds
 sweep.json, learning_curves.png and one ordinary run directory per run. Sweepable: lr, min_lr,
 warmup_steps, cosine_steps, weight_decay, max_grad_norm, seed.
 """
@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from .data import resolve_device
     from .loop import load_run_config, train
-    from .sweep import is_sweep_dir, load_sweep_config, train_sweep
+    from .sweep_loop import is_sweep_dir, load_sweep_config, train_sweep
     from .train import keep_freed_memory
 
     flags = {"model": {}, "train": {}}
@@ -115,7 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _sweep_request(args: argparse.Namespace) -> tuple[list, str] | None:
     """(axes, stream) from --sweep / --sweep-stream, or None for a single run."""
-    from .sweep import parse_axis
+    from .sweep_loop import parse_axis
 
     texts, stream = getattr(args, "sweep", None), getattr(args, "sweep_stream", None)
     if texts is None:

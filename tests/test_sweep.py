@@ -1,4 +1,4 @@
-"""fnlm.sweep: K runs as one vmapped program equal K separate runs; checkpoints, divergence, resume, CLI."""
+"""fnlm.sweep and fnlm.sweep_loop: K runs as one vmapped program equal K separate runs; checkpoints, divergence, resume, CLI."""
 
 import dataclasses
 import json
@@ -12,16 +12,8 @@ from fnlm.cli import main
 from fnlm.config import ModelConfig, TrainConfig
 from fnlm.loop import latest_checkpoint, make_optimizer, read_log, train
 from fnlm.model import init_params
-from fnlm.sweep import (
-    allow_custom_functions_in_graph,
-    grid,
-    make_sweep_step,
-    parse_axis,
-    run_name,
-    stack,
-    train_sweep,
-    unstack,
-)
+from fnlm.sweep import allow_custom_functions_in_graph, make_sweep_step, stack, unstack
+from fnlm.sweep_loop import grid, parse_axis, run_name, train_sweep
 from fnlm.train import make_train_step
 from fnlm.tree import flatten, tree_leaves, unflatten
 
