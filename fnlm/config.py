@@ -61,11 +61,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from a dict (a JSON file, a checkpoint header); unknown keys are an error."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
+        values = _known_fields(cls, values)
         if values.get("ffn_type") is None:  # CS336 config files write null for the default
             values.pop("ffn_type", None)
         return cls(**values)
@@ -144,8 +140,13 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a dict (a JSON/TOML file, a checkpoint); unknown keys are an error."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return cls(**_known_fields(cls, values))
+
+
+def _known_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `values`, or a ValueError naming the keys that are not fields of `cls`."""
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    return dict(values)

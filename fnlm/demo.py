@@ -15,28 +15,24 @@ Every run gets a new folder; nothing of an earlier run is overwritten.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gzip
 import math
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+from .config import ModelConfig
 
 ASSETS = Path(__file__).parent / "assets" / "tinystories"
 SPECIAL_TOKENS = ["<|endoftext|>"]
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoSize:
+class DemoSize(NamedTuple):
     """A model and how long to train it."""
 
-    vocab_size: int
-    context_length: int
-    d_model: int
-    num_layers: int
-    num_heads: int
-    d_ff: int
+    model: ModelConfig
     steps: int
     batch_size: int
     lr: float
@@ -44,11 +40,11 @@ class DemoSize:
 
 SIZES = {
     # About 5 minutes of training on two idle CPU cores.
-    "tiny": DemoSize(vocab_size=2048, context_length=128, d_model=128, num_layers=3, num_heads=4, d_ff=352,
-                     steps=2000, batch_size=16, lr=3e-3),
+    "tiny": DemoSize(ModelConfig(vocab_size=2048, context_length=128, d_model=128, num_layers=3, num_heads=4,
+                                 d_ff=352), steps=2000, batch_size=16, lr=3e-3),
     # The handout's TinyStories model, for a GPU.
-    "small": DemoSize(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344,
-                      steps=1500, batch_size=64, lr=1e-3),
+    "small": DemoSize(ModelConfig(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16,
+                                  d_ff=1344), steps=1500, batch_size=64, lr=1e-3),
 }
 
 
@@ -66,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .config import ModelConfig, TrainConfig
+    from .config import TrainConfig
     from .generate_cli import generate_samples
     from .loop import train
     from .tokenizer import Tokenizer, train_bpe
@@ -75,7 +71,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     size = SIZES[args.size]
     if args.steps is not None:
-        size = dataclasses.replace(size, steps=args.steps)
+        size = size._replace(steps=args.steps)
+    model_cfg = size.model
     if args.device == "cpu":
         keep_freed_memory()  # see fnlm.train: spares an eager CPU step its page faults
     run = new_run_dir(args.out)
@@ -83,8 +80,8 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     train_text, valid_text = unpack_sample(run / "data")
-    stage("1/4 training a BPE tokenizer", f"vocab {size.vocab_size}, {train_text.stat().st_size / 1e6:.1f} MB of stories")
-    vocab, merges = train_bpe(train_text, size.vocab_size, SPECIAL_TOKENS, progress=not args.no_progress)
+    stage("1/4 training a BPE tokenizer", f"vocab {model_cfg.vocab_size}, {train_text.stat().st_size / 1e6:.1f} MB of stories")
+    vocab, merges = train_bpe(train_text, model_cfg.vocab_size, SPECIAL_TOKENS, progress=not args.no_progress)
     tokenizer = Tokenizer(vocab, merges, SPECIAL_TOKENS)
     tokenizer.save(run / "tokenizer")
 
@@ -95,8 +92,6 @@ def run_demo(args: argparse.Namespace) -> int:
         count = encode_file(tokenizer, text, splits[text.stem], num_workers=1, progress=False)
         print(f"  {text.name}: {count:,} tokens")
 
-    model_cfg = ModelConfig(vocab_size=size.vocab_size, context_length=size.context_length, d_model=size.d_model,
-                            num_layers=size.num_layers, num_heads=size.num_heads, d_ff=size.d_ff)
     train_cfg = TrainConfig(
         train_data=str(splits["train"]), val_data=str(splits["valid"]), batch_size=size.batch_size,
         steps=size.steps, lr=size.lr, min_lr=size.lr / 10, warmup_steps=max(1, size.steps // 20),
@@ -104,8 +99,8 @@ def run_demo(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device,
     )
     stage("3/4 training the language model",
-          f"{size.num_layers} layers x d_model {size.d_model}, {size.steps} steps of "
-          f"{size.batch_size} x {size.context_length} tokens on {args.device}")
+          f"{model_cfg.num_layers} layers x d_model {model_cfg.d_model}, {size.steps} steps of "
+          f"{size.batch_size} x {model_cfg.context_length} tokens on {args.device}")
     result = train(model_cfg, train_cfg, run / "model", show_progress=not args.no_progress)
     if result.checkpoint is None:
         print("fnlm demo: training stopped before a checkpoint was written", file=sys.stderr)
@@ -120,7 +115,7 @@ def run_demo(args: argparse.Namespace) -> int:
     generate_samples(sample, out=sys.stdout, notes=sys.stderr)
     print()
 
-    eval_tokens = train_cfg.eval_batches * size.batch_size * size.context_length
+    eval_tokens = train_cfg.eval_batches * size.batch_size * model_cfg.context_length
     print(f"validation loss {result.val_loss:.3f}, perplexity {math.exp(result.val_loss):.1f} "
           f"(on {eval_tokens:,} held-out tokens) after {result.step} steps")
     print(f"loss curve  {run / 'model' / 'loss_curve.png'}")
