@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import device_name, synchronize  # noqa: E402
 from fnlm.config import AUTOCAST_DTYPES, ModelConfig, TrainConfig  # noqa: E402
 from fnlm.data import load_tokens, resolve_device  # noqa: E402
 from fnlm.loop import make_optimizer  # noqa: E402
@@ -255,19 +256,6 @@ def make_batches(args, cfg: ModelConfig, runs: int, device: torch.device) -> lis
     else:
         windows = [torch.randint(0, cfg.vocab_size, shape, generator=generator) for _ in range(args.batches)]
     return [(w[..., :-1].to(device), w[..., 1:].to(device)) for w in windows]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def report(result: dict, args) -> None:

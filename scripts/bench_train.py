@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import device_name, synchronize  # noqa: E402
 from fnlm.config import AUTOCAST_DTYPES, ModelConfig  # noqa: E402
 from fnlm.data import load_tokens, resolve_device  # noqa: E402
 from fnlm.model import init_params, num_params  # noqa: E402
@@ -191,19 +192,6 @@ def max_gap(curves: dict[str, list[float]], a: str, b: str) -> float | None:
     if a not in curves or b not in curves:
         return None
     return max(abs(x - y) for x, y in zip(curves[a], curves[b]))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def report(result: dict) -> None:
