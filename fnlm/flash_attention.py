@@ -57,6 +57,21 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 if triton is not None:
 
     @triton.jit
+    def _load_rows(ptr, b, h, stride_b, stride_h, stride_t, rows, dims, seq_len):
+        """The (len(rows), D) tile of head (b, h) of a (B, H, T, D) tensor; rows past T read as 0."""
+        return tl.load(ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + dims[None, :],
+                       mask=(rows < seq_len)[:, None], other=0.0)
+
+    @triton.jit
+    def _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE: tl.constexpr):
+        """One (M, N) block of the backward: P recomputed from the log-sum-exp, and
+        dS = P * (dO V^T - rowsum(dO * O)); both 0 where the causal mask or the sequence end hides."""
+        probs = tl.exp(tl.dot(q, tl.trans(k)) * SCALE - lse[:, None])
+        visible = (rows[:, None] >= cols[None, :]) & (rows < seq_len)[:, None] & (cols < seq_len)[None, :]
+        probs = tl.where(visible, probs, 0.0)
+        return probs, probs * (tl.dot(grad_out, tl.trans(v)) - delta[:, None])
+
+    @triton.jit
     def _forward_kernel(
         Q, K, V, O, LSE,
         q_stride_b, q_stride_h, q_stride_t,
@@ -65,35 +80,31 @@ if triton is not None:
         num_heads, seq_len,
         SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
+        """O and the log-sum-exp for one block of queries: keys up to the diagonal, online softmax."""
         block_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // num_heads, bh % num_heads
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
-        row_ok = rows < seq_len
-        q = tl.load(Q + b * q_stride_b + h * q_stride_h + rows[:, None] * q_stride_t + dims[None, :],
-                    mask=row_ok[:, None], other=0.0)
+        q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)  # (M, D)
         log2_scale = SCALE * 1.4426950408889634  # exp(x) = exp2(x log2 e): exp2 is the fast instruction
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start_n in range(0, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
-            col_ok = cols < seq_len
-            k_t = tl.load(K + b * k_stride_b + h * k_stride_h + cols[None, :] * k_stride_t + dims[:, None],
-                          mask=col_ok[None, :], other=0.0)  # (D, N)
-            scores = tl.dot(q, k_t) * log2_scale  # (M, N), base-2 units
-            scores = tl.where((rows[:, None] >= cols[None, :]) & col_ok[None, :], scores, float("-inf"))
+            k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (N, D)
+            v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
+            scores = tl.dot(q, tl.trans(k)) * log2_scale  # (M, N), base-2 units
+            scores = tl.where((rows[:, None] >= cols[None, :]) & (cols < seq_len)[None, :], scores, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(scores, 1))
             probs = tl.math.exp2(scores - new_max[:, None])
             rescale = tl.math.exp2(row_max - new_max)
             row_sum = row_sum * rescale + tl.sum(probs, 1)
-            v = tl.load(V + b * v_stride_b + h * v_stride_h + cols[:, None] * v_stride_t + dims[None, :],
-                        mask=col_ok[:, None], other=0.0)  # (N, D)
             acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
             row_max = new_max
-        out = acc / row_sum[:, None]
+        row_ok = rows < seq_len
         o_offsets = bh * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(O + o_offsets, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(O + o_offsets, (acc / row_sum[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
         # Natural-log log-sum-exp of the scaled scores: (max + log2 sum) / log2 e.
         tl.store(LSE + bh * seq_len + rows, (row_max + tl.math.log2(row_sum)) * 0.6931471805599453, mask=row_ok)
 
@@ -112,31 +123,22 @@ if triton is not None:
         b, h = bh // num_heads, bh % num_heads
         cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, HEAD_DIM)
-        col_ok = cols < seq_len
-        k = tl.load(K + b * k_stride_b + h * k_stride_h + cols[:, None] * k_stride_t + dims[None, :],
-                    mask=col_ok[:, None], other=0.0)  # (N, D)
-        v = tl.load(V + b * v_stride_b + h * v_stride_h + cols[:, None] * v_stride_t + dims[None, :],
-                    mask=col_ok[:, None], other=0.0)
+        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (N, D)
+        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         for start_m in range((block_n * BLOCK_N) // BLOCK_M * BLOCK_M, seq_len, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
-            row_ok = rows < seq_len
-            q = tl.load(Q + b * q_stride_b + h * q_stride_h + rows[:, None] * q_stride_t + dims[None, :],
-                        mask=row_ok[:, None], other=0.0)  # (M, D)
-            do = tl.load(DO + b * do_stride_b + h * do_stride_h + rows[:, None] * do_stride_t + dims[None, :],
-                         mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + bh * seq_len + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + bh * seq_len + rows, mask=row_ok, other=0.0)
-            probs = tl.exp(tl.dot(q, tl.trans(k)) * SCALE - lse[:, None])  # (M, N)
-            visible = (rows[:, None] >= cols[None, :]) & row_ok[:, None] & col_ok[None, :]
-            probs = tl.where(visible, probs, 0.0)
-            dv += tl.dot(tl.trans(probs.to(do.dtype)), do)
-            dscores = probs * (tl.dot(do, tl.trans(v)) - delta[:, None])  # (M, N)
+            q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)  # (M, D)
+            grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len)
+            lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+            delta = tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+            probs, dscores = _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE)
+            dv += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
             dk += tl.dot(tl.trans(dscores.to(q.dtype)), q)
         offsets = bh * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(DK + offsets, (dk * SCALE).to(DK.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(DK + offsets, (dk * SCALE).to(DK.dtype.element_ty), mask=(cols < seq_len)[:, None])
+        tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=(cols < seq_len)[:, None])
 
     @triton.jit
     def _backward_q_kernel(
@@ -153,28 +155,19 @@ if triton is not None:
         b, h = bh // num_heads, bh % num_heads
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
-        row_ok = rows < seq_len
-        q = tl.load(Q + b * q_stride_b + h * q_stride_h + rows[:, None] * q_stride_t + dims[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * do_stride_b + h * do_stride_h + rows[:, None] * do_stride_t + dims[None, :],
-                     mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + bh * seq_len + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * seq_len + rows, mask=row_ok, other=0.0)
+        q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)
+        grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len)
+        lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        delta = tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start_n in range(0, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
-            col_ok = cols < seq_len
-            k = tl.load(K + b * k_stride_b + h * k_stride_h + cols[:, None] * k_stride_t + dims[None, :],
-                        mask=col_ok[:, None], other=0.0)  # (N, D)
-            v = tl.load(V + b * v_stride_b + h * v_stride_h + cols[:, None] * v_stride_t + dims[None, :],
-                        mask=col_ok[:, None], other=0.0)
-            probs = tl.exp(tl.dot(q, tl.trans(k)) * SCALE - lse[:, None])  # (M, N)
-            visible = (rows[:, None] >= cols[None, :]) & row_ok[:, None] & col_ok[None, :]
-            probs = tl.where(visible, probs, 0.0)
-            dscores = probs * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (N, D)
+            v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
+            _, dscores = _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE)
             dq += tl.dot(dscores.to(k.dtype), k)
         offsets = bh * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(DQ + offsets, (dq * SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(DQ + offsets, (dq * SCALE).to(DQ.dtype.element_ty), mask=(rows < seq_len)[:, None])
 
     def _strides(*tensors: Tensor) -> list[int]:
         """(batch, head, time) strides of each (B, H, T, D) tensor, whose last dim must be contiguous."""
