@@ -5,13 +5,13 @@ interpreter process. The interpreter has no bfloat16, hence float16 here; the GP
 (scripts/bench_train.py) compares bfloat16 training losses against the plain path.
 """
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import subprocess_env
 
 triton = pytest.importorskip("triton")
 
@@ -69,7 +69,7 @@ def check_kernels() -> None:
            "skip); the compiled kernels run there (checked on an H100 with torch 2.11 / Triton 3.6)",
 )
 def test_kernels_match_the_definition_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = subprocess_env(TRITON_INTERPRET="1")
     result = subprocess.run(
         [sys.executable, "-c", "from tests.test_flash_attention import check_kernels; check_kernels()"],
         env=env, capture_output=True, text=True, timeout=600,

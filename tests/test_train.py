@@ -2,12 +2,10 @@
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +19,9 @@ from fnlm.model import init_params
 from fnlm.optim import adamw, apply_updates, warmup_cosine_schedule
 from fnlm.train import eval_result, evaluate, make_loss_fn, make_train_step
 from fnlm.tree import flatten, global_norm
+from tests.conftest import REPO, subprocess_env
 
 TINY = ModelConfig(vocab_size=48, context_length=16, d_model=32, num_layers=2, num_heads=2, d_ff=64)
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -151,7 +149,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, token_files):
                "--checkpoint-every", "0", "--no-progress"] + [
         f"--{k.replace('_', '-')}={v}" for k, v in TINY.to_dict().items() if not isinstance(v, bool)]
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+                               env=subprocess_env())
     log = run_dir / "log.jsonl"
     deadline = time.monotonic() + 120
     while not (log.exists() and len(read_log(log)) >= 3):
