@@ -147,7 +147,7 @@ class TransformerLM(TreeModule):
 class AdamW(torch.optim.Optimizer):
     """A torch.optim.Optimizer whose step() runs fnlm.optim.adamw's pure update.
 
-    Per-parameter state keeps torch.optim.AdamW's format (step, exp_avg, exp_avg_sq), so
+    Per-parameter state keeps PyTorch AdamW's format (step, exp_avg, exp_avg_sq), so
     state_dict() / load_state_dict() round-trip, also with torch's own AdamW.
     """
 

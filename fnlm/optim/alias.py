@@ -25,7 +25,7 @@ def adamw(
         g <- g * min(1, max_grad_norm / (|g| + 1e-6))                   (if max_grad_norm)
         p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p)
 
-    which is torch.optim.AdamW's step. The decay uses the parameters before the step, and is
+    which is PyTorch's AdamW step. The decay uses the parameters before the step, and is
     scaled by the (scheduled) learning rate, as in torch and optax.
     """
     transforms = [

@@ -61,7 +61,7 @@ class ScaleByAdamState(NamedTuple):
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
     """g -> m_hat / (sqrt(v_hat) + eps): Adam's bias-corrected direction, before the learning rate.
 
-    The moments follow torch.optim.AdamW's arithmetic (m.lerp(g, 1 - b1), v * b2 + (1 - b2) g^2),
+    The moments follow PyTorch's AdamW arithmetic (m.lerp(g, 1 - b1), v * b2 + (1 - b2) g^2),
     so float64 runs agree with it to rounding.
     """
     b1 = hyperparameter("b1", b1, "in [0, 1)", lambda v: 0 <= v < 1)
