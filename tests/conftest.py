@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).parents[1]
@@ -22,3 +24,14 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("fnlm")
+
+
+@pytest.fixture
+def token_files(tmp_path):
+    """(train.npy, val.npy) over a 48-token vocabulary: a learnable stream, mostly counting mod 48
+    with some noise, for training-loop tests."""
+    rng = np.random.default_rng(0)
+    stream = (np.arange(30_000) + (rng.random(30_000) < 0.1) * rng.integers(0, 48, 30_000)) % 48
+    np.save(tmp_path / "train.npy", stream.astype(np.uint16))
+    np.save(tmp_path / "val.npy", stream[:2_000].astype(np.uint16))
+    return tmp_path / "train.npy", tmp_path / "val.npy"

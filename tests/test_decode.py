@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fnlm.config import ModelConfig
 from fnlm.decode import (
     KVCache,
     cached_lm,
@@ -28,15 +27,9 @@ from fnlm.decode import (
 from fnlm.model import init_params, transformer_lm
 from fnlm.tree import tree_leaves, tree_map
 
+from tests.test_model import ABLATIONS, TINY  # the same tiny model and ablations as the model tests
+
 f64 = torch.float64
-TINY = ModelConfig(vocab_size=50, context_length=12, d_model=16, num_layers=2, num_heads=4, d_ff=24)
-ABLATIONS = {
-    "base": {},
-    "no_rmsnorm": {"remove_rmsnorm": True},
-    "post_norm": {"use_post_norm": True},
-    "nope": {"remove_rope": True},
-    "silu_ffn": {"ffn_type": "silu", "d_ff": 64},
-}
 logit_rows = st.lists(st.floats(-20, 20, allow_nan=False), min_size=1, max_size=12).map(
     lambda xs: torch.tensor(xs, dtype=f64)
 )

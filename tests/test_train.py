@@ -24,16 +24,6 @@ from tests.conftest import REPO, subprocess_env
 TINY = ModelConfig(vocab_size=48, context_length=16, d_model=32, num_layers=2, num_heads=2, d_ff=64)
 
 
-@pytest.fixture
-def token_files(tmp_path):
-    rng = np.random.default_rng(0)
-    # A learnable stream: mostly counting mod 48, with some noise.
-    stream = (np.arange(30_000) + (rng.random(30_000) < 0.1) * rng.integers(0, 48, 30_000)) % 48
-    np.save(tmp_path / "train.npy", stream.astype(np.uint16))
-    np.save(tmp_path / "val.npy", stream[:2_000].astype(np.uint16))
-    return tmp_path / "train.npy", tmp_path / "val.npy"
-
-
 def tiny_train_config(token_files, **changes):
     values = dict(train_data=str(token_files[0]), val_data=str(token_files[1]), batch_size=4, steps=8,
                   lr=3e-3, min_lr=3e-4, warmup_steps=2, cosine_steps=8, log_every=2, eval_every=4,
