@@ -1,7 +1,7 @@
 """`fnlm demo` end to end at a few steps: every stage runs and leaves its files in a new folder."""
 
 from fnlm.cli import main
-from fnlm.demo import new_run_dir
+from fnlm.cli.demo import new_run_dir
 
 
 def test_demo_writes_a_new_run_folder_with_every_artifact(tmp_path, capsys):

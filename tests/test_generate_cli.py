@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from fnlm import cli
 from fnlm.config import ModelConfig
 from fnlm.decode import generate
-from fnlm.generate_cli import stream_text
+from fnlm.cli.generate import stream_text
 from fnlm.model import init_params
 
 EOS = "<|endoftext|>"

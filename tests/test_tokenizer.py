@@ -311,7 +311,7 @@ def test_token_dtype_widens_past_65536_ids():
 
 
 def test_importing_the_tokenizer_does_not_import_torch():
-    code = "import sys, fnlm.tokenizer, fnlm.tokenizer.cli; print('torch' in sys.modules)"
+    code = "import sys, fnlm.tokenizer, fnlm.cli.tokenizer; print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert run.stdout.strip() == "False", run.stderr
 

@@ -27,7 +27,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig, TrainConfig
+from ..config import ModelConfig, TrainConfig
 
 RUNTIME_FIELDS = frozenset(
     {"device", "compile", "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"}
@@ -63,10 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .data import resolve_device
-    from .loop import load_run_config, train
-    from .sweep_loop import is_sweep_dir, load_sweep_config, train_sweep
-    from .train import keep_freed_memory
+    from ..data import resolve_device
+    from ..loop import load_run_config, train
+    from ..sweep_loop import is_sweep_dir, load_sweep_config, train_sweep
+    from ..train import keep_freed_memory
 
     flags = {"model": {}, "train": {}}
     for key, value in vars(args).items():
@@ -115,7 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _sweep_request(args: argparse.Namespace) -> tuple[list, str] | None:
     """(axes, stream) from --sweep / --sweep-stream, or None for a single run."""
-    from .sweep_loop import parse_axis
+    from ..sweep_loop import parse_axis
 
     texts, stream = getattr(args, "sweep", None), getattr(args, "sweep_stream", None)
     if texts is None:
@@ -126,7 +126,7 @@ def _sweep_request(args: argparse.Namespace) -> tuple[list, str] | None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .checkpoint import export_npz
+    from ..checkpoint import export_npz
 
     export_npz(args.checkpoint, args.out)
     return 0

@@ -1,21 +1,15 @@
-"""The `fnlm` command. Each job's subcommands live beside the code they drive: a module listed
-in COMMANDS defines `register(subparsers)`, which adds its parsers and sets `run(args) -> int`."""
+"""The `fnlm` command. Each module of this package defines `register(subparsers)`, which adds its
+parsers and sets `run(args) -> int`; the library below never sees an argparse Namespace."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from . import __version__
+from .. import __version__
+from . import data, demo, generate, tokenizer, train
 
-COMMANDS: tuple[str, ...] = (  # in the order `fnlm --help` lists them
-    "fnlm.demo",
-    "fnlm.tokenizer.cli",
-    "fnlm.train_cli",
-    "fnlm.generate_cli",
-    "fnlm.download",
-)
+COMMANDS = (demo, tokenizer, train, generate, data)  # in the order `fnlm --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fnlm {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for module in COMMANDS:
-        importlib.import_module(module).register(subparsers)
+        module.register(subparsers)
     return parser
 
 

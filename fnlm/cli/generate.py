@@ -58,9 +58,9 @@ def run_generate(args: argparse.Namespace) -> int:
 def generate_samples(args: argparse.Namespace, *, out: TextIO, notes: TextIO) -> int:
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .decode import check_temperature, check_top_p, generate_steps
-    from .tokenizer import Tokenizer
+    from ..checkpoint import load_checkpoint
+    from ..decode import check_temperature, check_top_p, generate_steps
+    from ..tokenizer import Tokenizer
 
     check_temperature(args.temperature)
     check_top_p(args.top_p)

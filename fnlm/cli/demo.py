@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 ASSETS = Path(__file__).parent / "assets" / "tinystories"
 SPECIAL_TOKENS = ["<|endoftext|>"]
@@ -62,12 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .config import TrainConfig
-    from .generate_cli import generate_samples
-    from .loop import train
-    from .tokenizer import Tokenizer, train_bpe
-    from .tokenizer.encode_file import encode_file
-    from .train import keep_freed_memory
+    from ..config import TrainConfig
+    from .generate import generate_samples
+    from ..loop import train
+    from ..tokenizer import Tokenizer, train_bpe
+    from ..tokenizer.encode_file import encode_file
+    from ..train import keep_freed_memory
 
     size = SIZES[args.size]
     if args.steps is not None:

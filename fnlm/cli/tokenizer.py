@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from .encode_file import encode_file
-from .tokenizer import SPECIAL_TOKENS_FILE, Tokenizer
-from .train_bpe import train_bpe
+from ..tokenizer.encode_file import encode_file
+from ..tokenizer.tokenizer import SPECIAL_TOKENS_FILE, Tokenizer
+from ..tokenizer.train_bpe import train_bpe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
