@@ -7,9 +7,9 @@ import argparse
 import sys
 
 from .. import __version__
-from . import data, demo, generate, tokenizer, train
+from . import data, demo, export, generate, tokenizer, train
 
-COMMANDS = (demo, tokenizer, train, generate, data)  # in the order `fnlm --help` lists them
+COMMANDS = (demo, tokenizer, train, export, generate, data)  # in the order `fnlm --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

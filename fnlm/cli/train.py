@@ -1,4 +1,4 @@
-"""`fnlm train` and `fnlm export`: the command line over fnlm.loop and fnlm.checkpoint.
+"""`fnlm train`: the command line over the run loop.
 
     fnlm train --config tinystories.toml --out runs/ts --train-data train.npy --val-data valid.npy
     fnlm train --out runs/ts --resume                 # continue exactly where the run stopped
@@ -54,12 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             _add_field_flag(group, section, field)
     parser.set_defaults(run=run_train)
 
-    export = subparsers.add_parser("export", help="write a checkpoint's parameters to a numpy .npz",
-                                   description="Write a checkpoint's parameters, flattened to dotted names, "
-                                               "to an .npz file that numpy reads without torch.")
-    export.add_argument("checkpoint", type=Path, help="a checkpoint written by fnlm train")
-    export.add_argument("out", type=Path, help="the .npz file to write")
-    export.set_defaults(run=run_export)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -123,13 +117,6 @@ def _sweep_request(args: argparse.Namespace) -> tuple[list, str] | None:
             raise ValueError("--sweep-stream needs --sweep")
         return None
     return [parse_axis(text) for text in texts], stream or "per-run"
-
-
-def run_export(args: argparse.Namespace) -> int:
-    from ..checkpoint import export_npz
-
-    export_npz(args.checkpoint, args.out)
-    return 0
 
 
 def _add_field_flag(group: argparse._ArgumentGroup, section: str, field: dataclasses.Field) -> None:
