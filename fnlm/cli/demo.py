@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from ..config import ModelConfig
 
-ASSETS = Path(__file__).parent / "assets" / "tinystories"
+ASSETS = Path(__file__).parents[1] / "assets" / "tinystories"  # fnlm/assets
 SPECIAL_TOKENS = ["<|endoftext|>"]
 
 
