@@ -4,6 +4,9 @@
     opt_state = optimizer.init(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = apply_updates(params, updates)
+
+Muon for the hidden matrices beside AdamW for the rest: muon_adamw(muon_lr, adam_lr, ...), a
+`partition` of the tree by muon_labels (muon.py).
 """
 
 from .alias import adamw
@@ -11,12 +14,15 @@ from .base import (
     EmptyState,
     GradientTransformation,
     OptState,
+    PartitionState,
     apply_updates,
     chain,
     find_state,
+    partition,
     replace_state,
 )
-from .schedules import Schedule, schedule_value, warmup_cosine_schedule
+from .muon import ScaleByMuonState, muon, muon_adamw, muon_labels, newton_schulz, scale_by_muon
+from .schedules import Schedule, schedule_value, warmup_cosine_schedule, warmup_stable_decay_schedule
 from .transforms import (
     ClipByGlobalNormState,
     ScaleByAdamState,
@@ -33,7 +39,9 @@ __all__ = [
     "EmptyState",
     "GradientTransformation",
     "OptState",
+    "PartitionState",
     "ScaleByAdamState",
+    "ScaleByMuonState",
     "ScaleByScheduleState",
     "Schedule",
     "add_decayed_weights",
@@ -43,9 +51,16 @@ __all__ = [
     "clip_by_global_norm",
     "clip_factor",
     "find_state",
+    "muon",
+    "muon_adamw",
+    "muon_labels",
+    "newton_schulz",
+    "partition",
     "replace_state",
     "scale_by_adam",
     "scale_by_learning_rate",
+    "scale_by_muon",
     "schedule_value",
     "warmup_cosine_schedule",
+    "warmup_stable_decay_schedule",
 ]

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, foreach, tree_flatten, tree_leaves, tree_unflatten
+from ..tree import PyTree, flatten, foreach, tree_flatten, tree_leaves, tree_unflatten, unflatten
 
 OptState = Any  # a NamedTuple, or a tuple of them for a chain
 
@@ -49,6 +49,60 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+class PartitionState(NamedTuple):
+    inner_states: dict[str, OptState]  # label -> the state of that label's transformation
+
+
+def partition(
+    transforms: dict[str, GradientTransformation], labels: PyTree | Callable[[PyTree], PyTree]
+) -> GradientTransformation:
+    """One transformation per group of leaves: leaves labelled L take transforms[L].
+
+    `labels` is a tree of strings shaped like params, or a function params -> such a tree (a
+    function of paths and shapes only: it runs again inside every update, vmap included). Each
+    transformation sees its leaves as one flat dict {dotted path: leaf}, so its state flattens
+    to checkpoint keys that end in the parameter's own path ("....muon.0.1.layers.0.attn.q_proj.weight").
+    A label may have no leaves (its state then never changes); an unknown label is a ValueError. optax's
+    multi_transform / partition, with the groups as flat dicts instead of masked trees.
+    """
+    if not transforms or not all(isinstance(label, str) for label in transforms):
+        raise ValueError(f"partition needs a dict of transformations keyed by label, got {transforms!r}")
+
+    def split(tree: PyTree) -> dict[str, dict[str, Any]]:
+        """{label: {path: leaf}} of `tree` (params, or updates shaped like them)."""
+        groups: dict[str, dict[str, Any]] = {label: {} for label in transforms}
+        flat_labels = flatten(labels(tree) if callable(labels) else labels)
+        flat_tree = flatten(tree)
+        if flat_labels.keys() != flat_tree.keys():
+            missing, extra = sorted(flat_tree.keys() - flat_labels.keys()), sorted(flat_labels.keys() - flat_tree.keys())
+            raise ValueError(f"partition labels do not match the tree: no label for {missing[:4]}, "
+                             f"labels without a leaf {extra[:4]}")
+        for path, label in flat_labels.items():
+            if label not in groups:
+                raise ValueError(f"partition: {path} is labelled {label!r}; known labels {sorted(transforms)}")
+            groups[label][path] = flat_tree[path]
+        return groups
+
+    def init(params: PyTree) -> PartitionState:
+        groups = split(params)
+        return PartitionState({label: transform.init(groups[label]) for label, transform in transforms.items()})
+
+    def update(updates: PyTree, state: PartitionState, params: PyTree | None = None):
+        groups = split(updates)  # labels depend on paths and shapes, which updates share with params
+        param_groups = None if params is None else split(params)
+        flat_out, new_states = {}, {}
+        for label, transform in transforms.items():
+            if not groups[label]:  # nothing to update (and foreach ops refuse empty lists)
+                new_states[label] = state.inner_states[label]
+                continue
+            inner_params = None if param_groups is None else param_groups[label]
+            out, new_states[label] = transform.update(groups[label], state.inner_states[label], inner_params)
+            flat_out |= flatten(out)
+        return unflatten(flat_out, like=updates), PartitionState(new_states)
+
+    return GradientTransformation(init, update)
+
+
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """params + updates, leafwise, out of place."""
     leaves, structure = tree_flatten(params)
@@ -59,8 +113,9 @@ def find_state(state: OptState, kind: type) -> Any | None:
     """The first sub-state of type `kind` in a (chained) state, or None."""
     if isinstance(state, kind):
         return state
-    if isinstance(state, tuple) and not hasattr(state, "_fields"):  # a chain's plain tuple
-        for inner in state:
+    inners = state.inner_states.values() if isinstance(state, PartitionState) else state
+    if isinstance(state, PartitionState) or isinstance(state, tuple) and not hasattr(state, "_fields"):
+        for inner in inners:  # a chain's plain tuple, a partition's groups
             found = find_state(inner, kind)
             if found is not None:
                 return found

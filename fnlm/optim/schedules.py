@@ -45,6 +45,43 @@ def warmup_cosine_schedule(
     return schedule
 
 
+def warmup_stable_decay_schedule(
+    max_lr: float | Tensor, min_lr: float | Tensor, warmup_steps: int | Tensor, total_steps: int | Tensor,
+    decay_fraction: float | Tensor = 0.2,
+) -> Schedule:
+    """Warm-up, a long constant stretch, then a linear cool-down over the last decay_fraction of
+    total_steps (WSD: Hu et al., MiniCPM 2024; modded-nanogpt's and the CS336 leaderboard's shape):
+
+        t < warmup_steps                  max_lr * t / warmup_steps
+        warmup_steps <= t < decay_start   max_lr                     decay_start = total - fraction * total
+        decay_start <= t <= total_steps   linear from max_lr to min_lr
+        t > total_steps                   min_lr
+
+    The decay starts no earlier than the warm-up ends. Tensors are taken as given, as in
+    warmup_cosine_schedule; no Python branch on the step.
+    """
+    max_lr = hyperparameter("max_lr", max_lr, "> 0", lambda v: v > 0, tensor_ok=True)
+    per_run = isinstance(max_lr, Tensor)
+    min_lr = hyperparameter("min_lr", min_lr, ">= 0" if per_run else f"in [0, max_lr={max_lr}]",
+                            lambda v: 0 <= v and (per_run or v <= max_lr), tensor_ok=True)
+    decay_fraction = hyperparameter("decay_fraction", decay_fraction, "in [0, 1]", lambda v: 0 <= v <= 1,
+                                    tensor_ok=True)
+    warmup_steps = _steps("warmup_steps", warmup_steps, 0)
+    total_steps = _steps("total_steps", total_steps, warmup_steps)
+
+    def schedule(step: Tensor) -> Tensor:
+        t = step.to(torch.promote_types(step.dtype, torch.float32))
+        warmup = t * (max_lr / _at_least_one(warmup_steps))
+        zero = torch.zeros((), dtype=t.dtype, device=t.device)  # numbers or (per-run) tensors alike
+        decay_start = torch.maximum(zero + (total_steps - total_steps * decay_fraction), zero + warmup_steps)
+        # progress through the cool-down, clamped to [0, 1]: 0 on the plateau, 1 after total_steps
+        progress = ((t - decay_start) / (total_steps - decay_start).clamp_min(1.0)).clamp(0.0, 1.0)
+        stable_then_decay = max_lr + (min_lr - max_lr) * progress
+        return torch.where(t < warmup_steps, warmup, stable_then_decay)
+
+    return schedule
+
+
 def schedule_value(schedule: Schedule, step: int) -> float:
     """The learning rate at `step` as a Python float, computed in float64."""
     return float(schedule(torch.tensor(step, dtype=torch.float64)))
