@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-FFN_TYPES = ("swiglu", "silu")
+FFN_TYPES = ("swiglu", "silu", "relu2")
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,13 @@ class ModelConfig:
 
     ffn_type "silu" is the handout's parameter-matched ablation: W2 SiLU(W1 x), meant to be used
     with d_ff = 4 * d_model (SwiGLU's three matrices at d_ff = 8/3 d_model hold the same count).
+
+    Leaderboard switches (off by default, so the CS336 model is unchanged; docs/leaderboard.md):
+    ffn_type "relu2" is W2 ReLU(W1 x)^2 (So et al., Primer; also two matrices, w1 and w2);
+    tie_embeddings drops lm_head: the logits use token_embeddings.weight, the one (V, D) matrix
+    of the state dict, initialized like lm_head would be; qk_norm RMS-normalizes each head's
+    queries and keys before RoPE, with gains attn.q_norm.weight and attn.k_norm.weight (Dh,);
+    logit_soft_cap c maps the logits through c * tanh(logits / c) (Gemma 2).
     """
 
     vocab_size: int
@@ -28,7 +35,10 @@ class ModelConfig:
     remove_rmsnorm: bool = False  # no RMSNorm anywhere (layer_norm_ablation)
     use_post_norm: bool = False  # x = norm(x + sublayer(x)) (pre_norm_ablation)
     remove_rope: bool = False  # NoPE: no position information at all (no_pos_emb)
-    ffn_type: Literal["swiglu", "silu"] = "swiglu"
+    ffn_type: Literal["swiglu", "silu", "relu2"] = "swiglu"
+    tie_embeddings: bool = False  # lm_head is token_embeddings.weight
+    qk_norm: bool = False  # RMSNorm on each head's q and k before RoPE
+    logit_soft_cap: float | None = None  # cap * tanh(logits / cap); None: raw logits
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
@@ -39,9 +49,12 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
-        for name in ("remove_rmsnorm", "use_post_norm", "remove_rope"):
+        for name in ("remove_rmsnorm", "use_post_norm", "remove_rope", "tie_embeddings", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        cap = self.logit_soft_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+            raise ValueError(f"ModelConfig.logit_soft_cap must be a positive number or None, got {cap!r}")
         if self.ffn_type not in FFN_TYPES:
             raise ValueError(f"ModelConfig.ffn_type must be one of {FFN_TYPES}, got {self.ffn_type!r}")
         if self.d_model % self.num_heads:

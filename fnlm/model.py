@@ -11,8 +11,9 @@
     }
 
 Ablations change the tree as well as the function: without RMSNorm there are no ln* leaves, the
-ungated SiLU FFN has no w3, and a post-norm model has no ln_final (each block already ends in a
-norm). Shape legend: B batch dims, T sequence, D d_model, V vocabulary.
+ungated SiLU and ReLU^2 FFNs have no w3, and a post-norm model has no ln_final (each block already
+ends in a norm). So do the leaderboard switches: tied embeddings have no lm_head (token_embeddings
+is both), and QK-norm adds attn.q_norm / attn.k_norm gains (Dh,) to every layer. Shape legend: B batch dims, T sequence, D d_model, V vocabulary.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
-from .nn import embedding, linear, multihead_self_attention, rmsnorm, silu_ffn, swiglu
+from .nn import embedding, linear, multihead_self_attention, relu_squared_ffn, rmsnorm, silu_ffn, swiglu
 from .tree import PyTree, tree_leaves, tree_map_with_path
 
 
@@ -65,6 +66,8 @@ def attention_spec(d_model: int) -> PyTree:
 
 def block_spec(cfg: ModelConfig) -> PyTree:
     spec = {"attn": attention_spec(cfg.d_model), "ffn": ffn_spec(cfg.d_model, cfg.d_ff, cfg.ffn_type)}
+    if cfg.qk_norm:
+        spec["attn"] |= {"q_norm": rmsnorm_spec(cfg.head_dim), "k_norm": rmsnorm_spec(cfg.head_dim)}
     if not cfg.remove_rmsnorm:
         spec |= {"ln1": rmsnorm_spec(cfg.d_model), "ln2": rmsnorm_spec(cfg.d_model)}
     return spec
@@ -76,6 +79,8 @@ def lm_spec(cfg: ModelConfig) -> PyTree:
         "layers": [block_spec(cfg) for _ in range(cfg.num_layers)],
         "lm_head": linear_spec(cfg.d_model, cfg.vocab_size),
     }
+    if cfg.tie_embeddings:  # one matrix, initialized as the output layer (an N(0, 1) one would give huge logits)
+        spec["token_embeddings"] = spec.pop("lm_head")
     if not (cfg.remove_rmsnorm or cfg.use_post_norm):
         spec["ln_final"] = rmsnorm_spec(cfg.d_model)
     return spec
@@ -127,6 +132,9 @@ def transformer_block(
     return residual_block(params, x, cfg, attention)[0]
 
 
+FFNS = {"swiglu": swiglu, "silu": silu_ffn, "relu2": relu_squared_ffn}  # ModelConfig.ffn_type -> the FFN
+
+
 def residual_block(
     params: PyTree, x: Tensor, cfg: ModelConfig, attention: Callable[[Tensor], tuple[Tensor, Any]]
 ) -> tuple[Tensor, Any]:
@@ -138,7 +146,7 @@ def residual_block(
     """
 
     def ffn(h: Tensor) -> Tensor:
-        return (swiglu if cfg.ffn_type == "swiglu" else silu_ffn)(params["ffn"], h)
+        return FFNS[cfg.ffn_type](params["ffn"], h)
 
     def norm(name: str, h: Tensor) -> Tensor:
         return h if cfg.remove_rmsnorm else rmsnorm(params[name], h, cfg.eps)
@@ -162,10 +170,14 @@ def transformer_lm(params: PyTree, token_ids: Tensor, cfg: ModelConfig) -> Tenso
 
 
 def output_logits(params: PyTree, x: Tensor, cfg: ModelConfig) -> Tensor:
-    """The last block's output (B, T, D) -> logits (B, T, V): final norm (if any), then lm_head."""
+    """The last block's output (B, T, D) -> logits (B, T, V): final norm (if any), then lm_head
+    (token_embeddings when tied), then the soft cap (if any)."""
     if "ln_final" in params:
         x = rmsnorm(params["ln_final"], x, cfg.eps)
-    return linear(params["lm_head"], x)
+    logits = linear(params["token_embeddings" if cfg.tie_embeddings else "lm_head"], x)
+    if cfg.logit_soft_cap is not None:
+        logits = cfg.logit_soft_cap * torch.tanh(logits / cfg.logit_soft_cap)
+    return logits
 
 
 def check_token_ids(token_ids: Tensor, cfg: ModelConfig) -> None:

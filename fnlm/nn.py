@@ -51,6 +51,11 @@ def silu_ffn(params: PyTree, x: Tensor) -> Tensor:
     return linear(params["w2"], silu(linear(params["w1"], x)))
 
 
+def relu_squared_ffn(params: PyTree, x: Tensor) -> Tensor:
+    """x (..., D) -> (..., D): W2 ReLU(W1 x)^2 (Primer's FFN); params {w1: (F, D), w2: (D, F)}."""
+    return linear(params["w2"], linear(params["w1"], x).clamp_min(0).square())
+
+
 def rope(x: Tensor, token_positions: Tensor, theta: float) -> Tensor:
     """Rotary position embedding of interleaved pairs (x[2i], x[2i+1]) by pos / theta^(2i/Dh).
 
@@ -150,16 +155,25 @@ def multihead_self_attention(
     return attention_output(params, scaled_dot_product_attention(q, k, v, causal))
 
 
+QK_NORM_EPS = 1e-5  # fixed, so that every caller of attention_heads (the KV caches too) agrees
+
+
 def attention_heads(
     params: PyTree, x: Tensor, num_heads: int, token_positions: Tensor, rope_theta: float | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x (..., T, D) -> q, k, v (..., H, T, Dh), queries and keys rotated by RoPE unless rope_theta is None."""
+    """x (..., T, D) -> q, k, v (..., H, T, Dh), queries and keys rotated by RoPE unless rope_theta is None.
+
+    With q_norm and k_norm gains in params ({"weight": (Dh,)}, ModelConfig.qk_norm), each head's
+    queries and keys are RMS-normalized first (eps QK_NORM_EPS), which bounds the attention logits.
+    """
     d_model = x.shape[-1]
     if d_model % num_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
     w_qkv = torch.cat([params[name]["weight"] for name in ("q_proj", "k_proj", "v_proj")])  # (3D, D)
     qkv = (x @ w_qkv.T).unflatten(-1, (3, num_heads, d_model // num_heads))  # (..., T, 3, H, Dh)
     q, k, v = qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)  # (..., H, T, Dh) each
+    if "q_norm" in params:
+        q, k = rmsnorm(params["q_norm"], q, QK_NORM_EPS), rmsnorm(params["k_norm"], k, QK_NORM_EPS)
     if rope_theta is not None:
         head_positions = token_positions.unsqueeze(-2)  # (..., 1, T): the same angles for every head
         q, k = rope(q, head_positions, rope_theta), rope(k, head_positions, rope_theta)
