@@ -241,6 +241,8 @@ if triton is not None:
                 dq, dk, dv = torch.ops.fnlm.causal_attention_backward(q, k, v, out, lse, grad_out, ctx.scale)
             return dq, dk, dv, None
 
+    torch._dynamo.allow_in_graph(_CausalAttention)  # as fnlm.nn's Functions: compiled vmap needs it
+
     def _fold_vmap_dim(op):
         """A vmap rule: fold the vmapped dim of every tensor into its batch dim B, run, unfold."""
 

@@ -27,10 +27,9 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import eval_batches, gather_windows, load_tokens, resolve_device, sample_starts
 from .model import init_params
-from .optim import GradientTransformation, Schedule, adamw, schedule_value, warmup_cosine_schedule
 from .progress import Progress
 from .tree import unflatten
-from .train import eval_result, evaluate, make_loss_fn, make_train_step, parse_autocast
+from .train import eval_result, evaluate, make_loss_fn, make_optimizer, make_schedule, make_train_step, parse_autocast
 
 CHECKPOINTS = "checkpoints"
 
@@ -77,7 +76,7 @@ class _Run:
         self.val_tokens = (
             load_tokens(cfg.val_data, vocab_size=model_cfg.vocab_size, dtype=cfg.data_dtype) if cfg.val_data else None
         )
-        optimizer, self.schedule = make_optimizer(cfg)
+        optimizer = make_optimizer(cfg)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.params, self.opt_state, self.step, self.wall_before = _start_or_resume(
             run_dir, model_cfg, cfg, optimizer, self.generator, device, resume, world
@@ -87,7 +86,7 @@ class _Run:
 
         amp = parse_autocast(cfg.autocast)
         self.train_step = make_train_step(
-            model_cfg, optimizer, autocast_dtype=amp, device_type=device.type, compile=cfg.compile,
+            model_cfg, optimizer, schedule=make_schedule(cfg), autocast_dtype=amp, device_type=device.type, compile=cfg.compile,
             grad_sync=distributed.all_reduce_mean if world.size > 1 else None,
         )
         eval_loss = make_loss_fn(model_cfg, autocast_dtype=amp, device_type=device.type)
@@ -137,17 +136,18 @@ class _Run:
         self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, x, y)
         self.step += 1
         self.window_sums = self.window_sums + torch.stack(metrics)  # no host sync per step
+        self.last_lr = metrics.lr
         self.window_steps += 1
         self.progress.update(1)
 
     def _new_window(self) -> None:
-        self.window_sums = torch.zeros(2, device=self.device)  # sums of (loss, grad norm)
+        self.window_sums = torch.zeros(3, device=self.device)  # sums of (loss, grad norm, lr)
         self.window_steps, self.window_start = 0, time.perf_counter()
 
     def _log_window(self) -> float:
-        mean_loss, mean_norm = (self.window_sums / self.window_steps).tolist()  # the window's one sync
+        mean_loss, mean_norm, _ = (self.window_sums / self.window_steps).tolist()  # the window's one sync
         seconds = time.perf_counter() - self.window_start
-        lr = schedule_value(self.schedule, self.step - 1)  # the rate of the step just taken
+        lr = self.last_lr.item()  # the rate of the step just taken, as the step reported it
         self.log.write(step=self.step, tokens=self.step * self.tokens_per_step, wall_s=self._wall(), lr=lr,
                        train_loss=mean_loss, grad_norm=mean_norm,
                        tokens_per_s=self.window_steps * self.tokens_per_step / seconds)
@@ -180,24 +180,6 @@ class _Run:
 
     def _wall(self) -> float:
         return self.wall_before + time.perf_counter() - self.start
-
-
-def make_optimizer(cfg: TrainConfig, **hparams: Tensor) -> tuple[GradientTransformation, Schedule]:
-    """(AdamW after clipping, its warm-up cosine schedule) as `cfg` describes them.
-
-    hparams replace cfg's lr, min_lr, warmup_steps, cosine_steps, weight_decay or max_grad_norm
-    with 0-d tensors: a sweep's per-run values, batched by vmap inside the step (fnlm.sweep).
-    """
-    values = {"lr": cfg.lr, "min_lr": cfg.min_lr, "warmup_steps": cfg.warmup_steps, "cosine_steps": cfg.decay_steps,
-              "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm}
-    unknown = sorted(hparams.keys() - values.keys())
-    if unknown:
-        raise ValueError(f"make_optimizer: {unknown} cannot be tensors; tensors may replace {sorted(values)}")
-    values |= hparams
-    schedule = warmup_cosine_schedule(values["lr"], values["min_lr"], values["warmup_steps"], values["cosine_steps"])
-    optimizer = adamw(schedule, cfg.beta1, cfg.beta2, cfg.adam_eps, values["weight_decay"],
-                      max_grad_norm=values["max_grad_norm"])
-    return optimizer, schedule
 
 
 def _start_or_resume(run_dir, model_cfg, cfg, optimizer, generator, device, resume, world):

@@ -114,6 +114,12 @@ class _LastDimSoftmax(torch.autograd.Function):
         return ((grad32 - row_dots) * probs32).to(grad.dtype)
 
 
+# torch.compile would otherwise rewrite the Function into a plain function without its vmap rule
+# and fail under vmap (a compiled sweep step); allowed in the graph, AOTAutograd traces it with
+# its own rules. Single-run steps compile to one graph either way.
+torch._dynamo.allow_in_graph(_LastDimSoftmax)
+
+
 def scaled_dot_product_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
 ) -> Tensor:
@@ -225,6 +231,9 @@ class _CrossEntropy(torch.autograd.Function):
         grad = (_at_least_float32(logits) - log_normalizer).exp_()  # softmax (N, V)
         grad.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(log_normalizer, -1.0))
         return (grad * (grad_loss / logits.shape[0])).to(logits.dtype), None
+
+
+torch._dynamo.allow_in_graph(_CrossEntropy)  # as _LastDimSoftmax, for compiled vmap
 
 
 def _at_least_float32(x: Tensor) -> Tensor:

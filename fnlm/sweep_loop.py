@@ -30,12 +30,11 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import eval_batches, gather_windows, load_tokens, resolve_device, sample_starts
-from .loop import CHECKPOINTS, RunLog, latest_checkpoint, make_optimizer, plot_losses, read_log, save_run_config
+from .loop import CHECKPOINTS, RunLog, latest_checkpoint, plot_losses, read_log, save_run_config
 from .model import init_params
-from .optim import schedule_value
 from .progress import Progress
 from .sweep import make_sweep_step, stack
-from .train import eval_result, make_loss_fn, parse_autocast
+from .train import eval_result, make_loss_fn, make_optimizer, parse_autocast
 from .tree import tree_map, unflatten
 
 # TrainConfig fields a sweep may vary. All but the seed are tensors inside the step; the seed
@@ -195,7 +194,6 @@ class _Sweep:
         self.val_tokens = (
             load_tokens(base.val_data, vocab_size=model_cfg.vocab_size, dtype=base.data_dtype) if base.val_data else None
         )
-        self.schedules = [make_optimizer(run.config)[1] for run in runs]  # float views, for the logs
         swept = sorted({name for run in runs for name in run.overrides} - {"seed"})
         self.hparams = {
             name: torch.tensor([float(getattr(run.config, "decay_steps" if name == "cosine_steps" else name))
@@ -209,7 +207,7 @@ class _Sweep:
 
         amp = parse_autocast(base.autocast)
         self.sweep_step = make_sweep_step(
-            model_cfg, lambda hparams: make_optimizer(base, **hparams)[0], shared_batch=self.shared_batch,
+            model_cfg, base, shared_batch=self.shared_batch,
             autocast_dtype=amp, device_type=device.type, compile=base.compile,
         )
         eval_loss = torch.func.vmap(make_loss_fn(model_cfg, autocast_dtype=amp, device_type=device.type),
@@ -226,7 +224,7 @@ class _Sweep:
         """Stacked params and optimizer state, alive flags, the samplers' states and the step:
         fresh, or from every run's newest checkpoint (a diverged run's is its last good state)."""
         runs, device = self.runs, self.device
-        optimizers = [make_optimizer(run.config)[0] for run in runs]
+        optimizers = [make_optimizer(run.config) for run in runs]
         k = len(runs)
         self.died_at = [None] * k  # host copy: the step each run diverged at, once logged
         if not resume:
@@ -311,6 +309,7 @@ class _Sweep:
         self.step += 1
         self.died_tensor = torch.where(self.alive & ~metrics.alive, self.step, self.died_tensor)
         self.alive = metrics.alive
+        self.last_lr = metrics.lr
         took = metrics.alive.unsqueeze(1)
         self.window_sums = self.window_sums + torch.where(took, torch.stack([metrics.loss, metrics.grad_norm], 1), 0.0)
         self.window_counts = self.window_counts + metrics.alive  # no host sync per step
@@ -359,7 +358,7 @@ class _Sweep:
     def _write_train_record(self, k: int, step: int, sums: list[float], count: int, seconds: float) -> None:
         mean_loss, mean_norm = sums[0] / count, sums[1] / count
         self.logs[k].write(step=step, tokens=step * self.tokens_per_step, wall_s=self._wall(),
-                           lr=schedule_value(self.schedules[k], step - 1), train_loss=mean_loss, grad_norm=mean_norm,
+                           lr=self.last_lr[k].item(), train_loss=mean_loss, grad_norm=mean_norm,
                            tokens_per_s=count * self.tokens_per_step / seconds,
                            sweep_tokens_per_s=self.window_steps * len(self.runs) * self.tokens_per_step / seconds)
         self.last_train[k] = mean_loss

@@ -1,20 +1,19 @@
-"""The training step as a pure function, and evaluation.
+"""The training step as a pure function, the optimizer a TrainConfig describes, and evaluation.
 
-    optimizer = adamw(warmup_cosine_schedule(...), b1, b2, eps, weight_decay, max_grad_norm=1.0)
-    step = make_train_step(cfg, optimizer, autocast_dtype=torch.bfloat16, compile=True)
-    params, opt_state, metrics = step(params, opt_state, x, y)   # metrics.loss, metrics.grad_norm
+    optimizer = make_optimizer(train_cfg)         # clipping, AdamW and the schedule, one chain
+    step = make_train_step(cfg, optimizer, schedule=make_schedule(train_cfg), compile=True)
+    params, opt_state, metrics = step(params, opt_state, x, y)   # metrics.loss, .grad_norm, .lr
 
 A step is torch.func.grad_and_value of the loss followed by the optimizer's pure update. Params
 and optimizer state stay in their own dtype (float32): autocast, when asked, covers only the
 forward pass, and the loss is float32. With compile=True the whole step (gradient and update)
 is one torch.compile'd function; the gradient transform is never applied to a compiled function.
-The run itself (data, logging, checkpoints) lives in fnlm.loop.
+The run itself (data, logging, checkpoints) lives in fnlm.run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -22,10 +21,20 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 from .model import transformer_lm
 from .nn import cross_entropy
-from .optim import ClipByGlobalNormState, GradientTransformation, OptState, apply_updates, find_state
+from .optim import (
+    ClipByGlobalNormState,
+    GradientTransformation,
+    OptState,
+    Schedule,
+    ScaleByScheduleState,
+    adamw,
+    apply_updates,
+    find_state,
+    warmup_cosine_schedule,
+)
 from .tree import PyTree, global_norm, tree_leaves
 
 LossFn = Callable[[PyTree, Tensor, Tensor], Tensor]  # (params, x (B, T), y (B, T)) -> 0-d float32
@@ -35,6 +44,7 @@ GradSync = Callable[[PyTree], PyTree]  # a tree of tensors -> its mean over work
 class StepMetrics(NamedTuple):
     loss: Tensor  # 0-d float32, the batch's mean loss before the update
     grad_norm: Tensor  # 0-d float32, the global gradient norm before clipping
+    lr: Tensor  # 0-d float32, the learning rate this step used (NaN when the step has no schedule)
 
 
 class EvalResult(NamedTuple):
@@ -54,10 +64,43 @@ def make_loss_fn(cfg: ModelConfig, *, autocast_dtype: torch.dtype | None = None,
     return loss_fn
 
 
+SCHEDULE_HPARAMS = ("lr", "min_lr", "warmup_steps", "cosine_steps")
+TENSOR_HPARAMS = SCHEDULE_HPARAMS + ("weight_decay", "max_grad_norm")  # what a sweep may vary per run
+
+
+def make_schedule(cfg: TrainConfig, **hparams: Tensor) -> Schedule:
+    """The learning-rate schedule `cfg` describes (warm-up, then cosine from lr to min_lr).
+
+    hparams replace cfg's lr, min_lr, warmup_steps or cosine_steps with 0-d tensors: a sweep's
+    per-run values, batched by vmap inside the step (fnlm.sweep); the other TENSOR_HPARAMS are
+    accepted and left to make_optimizer.
+    """
+    values = _hparams(cfg, hparams, SCHEDULE_HPARAMS)
+    return warmup_cosine_schedule(values["lr"], values["min_lr"], values["warmup_steps"], values["cosine_steps"])
+
+
+def make_optimizer(cfg: TrainConfig, **hparams: Tensor) -> GradientTransformation:
+    """The one optimizer of a run: global-norm clipping, AdamW and make_schedule's learning rate
+    as one chain. hparams replace any of TENSOR_HPARAMS with 0-d tensors (see make_schedule)."""
+    values = _hparams(cfg, hparams, TENSOR_HPARAMS)
+    return adamw(make_schedule(cfg, **hparams), cfg.beta1, cfg.beta2, cfg.adam_eps, values["weight_decay"],
+                 max_grad_norm=values["max_grad_norm"])
+
+
+def _hparams(cfg: TrainConfig, tensors: dict[str, Tensor], names: tuple[str, ...]) -> dict:
+    """cfg's values of `names` (cosine_steps resolved), with `tensors` in place of some."""
+    unknown = sorted(tensors.keys() - set(TENSOR_HPARAMS))
+    if unknown:
+        raise ValueError(f"{unknown} cannot be tensors; tensors may replace {list(TENSOR_HPARAMS)}")
+    values = {name: cfg.decay_steps if name == "cosine_steps" else getattr(cfg, name) for name in names}
+    return values | {name: value for name, value in tensors.items() if name in names}
+
+
 def make_train_step(
     cfg: ModelConfig,
     optimizer: GradientTransformation,
     *,
+    schedule: Schedule | None = None,
     autocast_dtype: torch.dtype | None = None,
     device_type: str = "cpu",
     compile: bool = False,
@@ -66,16 +109,25 @@ def make_train_step(
 ) -> Callable[[PyTree, OptState, Tensor, Tensor], tuple[PyTree, OptState, StepMetrics]]:
     """step(params, opt_state, x, y) -> (params, opt_state, StepMetrics), pure.
 
-    grad_sync, if given, maps (grads, loss) to their mean over data-parallel workers between the
-    gradient and the update; the collective runs eagerly between two compiled halves.
+    schedule, the learning-rate schedule inside `optimizer`, lets the step report the rate it
+    used (StepMetrics.lr), read at the optimizer state's own step count. grad_sync, if given,
+    maps (grads, loss) to their mean over data-parallel workers between the gradient and the
+    update; the collective runs eagerly between two compiled halves.
     """
     value_and_grad = torch.func.grad_and_value(make_loss_fn(cfg, autocast_dtype=autocast_dtype, device_type=device_type))
 
     def update(params: PyTree, opt_state: OptState, grads: PyTree, loss: Tensor):
+        lr = learning_rate(opt_state)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         clip = find_state(opt_state, ClipByGlobalNormState)  # the clip already measured the norm
         grad_norm = global_norm(grads).float() if clip is None else clip.grad_norm
-        return apply_updates(params, updates), opt_state, StepMetrics(loss, grad_norm)
+        return apply_updates(params, updates), opt_state, StepMetrics(loss, grad_norm, lr)
+
+    def learning_rate(opt_state: OptState) -> Tensor:
+        counter = find_state(opt_state, ScaleByScheduleState)
+        if schedule is None or counter is None:
+            return torch.full((), math.nan, device=tree_leaves(opt_state)[0].device)
+        return schedule(counter.count).float()
 
     def compiled(fn: Callable) -> Callable:
         return torch.compile(fn, mode=compile_mode) if compile else fn
@@ -125,20 +177,3 @@ def autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.Abstract
 def parse_autocast(name: str) -> torch.dtype | None:
     """TrainConfig.autocast ("none" or "bfloat16") -> the autocast dtype, or None."""
     return None if name == "none" else getattr(torch, name)
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
-
-    An eager CPU step allocates and frees tens of megabytes of temporaries (logits, gradients,
-    new parameters); by default glibc serves big blocks with fresh mmaps and trims the heap, so
-    every step page-faults the same memory in again: a quarter of a small model's step, measured
-    on both fnlm's step and the nn.Module reference. Process-wide, so it is for entry points
-    (`fnlm train` on CPU, benchmarks), not library code. Returns False where it does not apply.
-    """
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

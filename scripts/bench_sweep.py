@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import device_name, synchronize  # noqa: E402
 from fnlm.config import AUTOCAST_DTYPES, ModelConfig, TrainConfig  # noqa: E402
 from fnlm.data import load_tokens, resolve_device  # noqa: E402
-from fnlm.loop import make_optimizer  # noqa: E402
 from fnlm.model import init_params, num_params  # noqa: E402
-from fnlm.sweep import allow_custom_functions_in_graph, make_sweep_step, stack  # noqa: E402
-from fnlm.train import keep_freed_memory, make_train_step, parse_autocast  # noqa: E402
+from fnlm.run.process import keep_freed_memory  # noqa: E402
+from fnlm.sweep import make_sweep_step, stack  # noqa: E402
+from fnlm.train import make_optimizer, make_train_step, parse_autocast  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,7 +86,7 @@ class Sequential:
             self.steps = [shared_compiled] * len(configs)
         else:
             self.hparams = [None] * len(configs)
-            self.steps = [make_train_step(cfg, make_optimizer(c)[0], autocast_dtype=amp, device_type=device.type)
+            self.steps = [make_train_step(cfg, make_optimizer(c), autocast_dtype=amp, device_type=device.type)
                           for c in configs]
 
     def step(self, batches):
@@ -104,7 +104,7 @@ class Vmapped:
         self.hparams = {name: torch.tensor([getattr(c, name) for c in configs], device=device)
                         for name in ("lr", "min_lr")}
         self.alive = torch.ones(len(configs), dtype=torch.bool, device=device)
-        self.step_fn = make_sweep_step(cfg, lambda hp: make_optimizer(base, **hp)[0], shared_batch=shared_batch,
+        self.step_fn = make_sweep_step(cfg, base, shared_batch=shared_batch,
                                        autocast_dtype=amp, device_type=device.type, compile=compile,
                                        compile_mode=compile_mode)
 
@@ -132,15 +132,13 @@ def main() -> None:
     base = TrainConfig(steps=total_steps, lr=args.lr, min_lr=args.lr / 10, warmup_steps=max(1, total_steps // 10),
                        weight_decay=0.1, beta2=0.95, max_grad_norm=1.0, autocast=args.autocast)
     modes = {"none": [False], "compiled": [True], "both": [False, True]}[args.compile]
-    if True in modes:
-        allow_custom_functions_in_graph()
     shared_compiled = None  # the sequential side's one compiled step, shared by every K
     results = []
     for runs in (int(k) for k in args.runs.split(",")):
         configs = [dataclasses.replace(base, lr=args.lr * 2.0 ** (k - runs // 2), min_lr=args.lr * 2.0 ** (k - runs // 2) / 10)
                    for k in range(runs)]
         params = [init_params(cfg, seed=k, device=device) for k in range(runs)]
-        states = [make_optimizer(c)[0].init(p) for c, p in zip(configs, params)]
+        states = [make_optimizer(c).init(p) for c, p in zip(configs, params)]
         batches = make_batches(args, cfg, runs, device)
         variants, errors = {}, {}
         for compile in modes:
@@ -186,7 +184,7 @@ def tensor_hparam_step(cfg, base, amp, device):
     """One run's step with its lr and min_lr as tensor arguments: compiled once for every run."""
 
     def step(params, opt_state, hparams, x, y):
-        optimizer = make_optimizer(base, **hparams)[0]
+        optimizer = make_optimizer(base, **hparams)
         return make_train_step(cfg, optimizer, autocast_dtype=amp, device_type=device.type)(params, opt_state, x, y)
 
     return step

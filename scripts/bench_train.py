@@ -38,7 +38,8 @@ from fnlm.config import AUTOCAST_DTYPES, ModelConfig  # noqa: E402
 from fnlm.data import load_tokens, resolve_device  # noqa: E402
 from fnlm.model import init_params, num_params  # noqa: E402
 from fnlm.optim import adamw  # noqa: E402
-from fnlm.train import autocast, keep_freed_memory, make_train_step, parse_autocast  # noqa: E402
+from fnlm.run.process import keep_freed_memory  # noqa: E402
+from fnlm.train import autocast, make_train_step, parse_autocast  # noqa: E402
 from fnlm.tree import flatten  # noqa: E402
 from tests.reference import ReferenceLM  # noqa: E402
 
@@ -67,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=8, help="distinct batches, cycled")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="on CPU, keep freed memory in the heap (fnlm.train.keep_freed_memory), for both sides")
+                        help="on CPU, keep freed memory in the heap (fnlm.run.process.keep_freed_memory), for both sides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     return parser.parse_args()

@@ -67,14 +67,14 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..loop import train
     from ..tokenizer import Tokenizer, train_bpe
     from ..tokenizer.encode_file import encode_file
-    from ..train import keep_freed_memory
+    from ..run.process import keep_freed_memory
 
     size = SIZES[args.size]
     if args.steps is not None:
         size = size._replace(steps=args.steps)
     model_cfg = size.model
     if args.device == "cpu":
-        keep_freed_memory()  # see fnlm.train: spares an eager CPU step its page faults
+        keep_freed_memory()  # see fnlm.run.process: spares an eager CPU step its page faults
     run = new_run_dir(args.out)
     print(f"fnlm demo: writing into {run}/", flush=True)
     started = time.perf_counter()

@@ -60,7 +60,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..data import resolve_device
     from ..loop import load_run_config, train
     from ..sweep_loop import is_sweep_dir, load_sweep_config, train_sweep
-    from ..train import keep_freed_memory
+    from ..run.process import keep_freed_memory
 
     flags = {"model": {}, "train": {}}
     for key, value in vars(args).items():
