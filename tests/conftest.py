@@ -18,6 +18,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, **extra}
 
+def cli_error(argv: list[str], capsys) -> str:
+    """The one-line error `fnlm` prints for argv (asserting exit code 1 and a single line)."""
+    from fnlm.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0], lines
+    return lines[0]
+
+
 # Properties run many examples on CPU; no deadline because the first call of a torch op is slow.
 settings.register_profile(
     "fnlm", deadline=None, max_examples=int(os.environ.get("FNLM_HYPOTHESIS_EXAMPLES", 40)),
