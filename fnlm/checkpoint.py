@@ -11,10 +11,9 @@ a crash mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
+import pickle
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -23,6 +22,8 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
+from .data import resolve_device
+from .files import atomic_write
 from .model import lm_spec
 from .tree import PyTree, flatten, unflatten
 
@@ -92,7 +93,7 @@ def export_npz(checkpoint: str | os.PathLike, out: str | os.PathLike) -> None:
     model config as JSON under "config.json", to a .npz that numpy alone reads (no pickle)."""
     ckpt = load_checkpoint(checkpoint)
     arrays = {key: leaf.float().numpy() for key, leaf in flatten(ckpt.params).items()}
-    with _atomic_file(out) as file:
+    with atomic_write(out) as file:
         np.savez(file, **arrays, **{"config.json": np.array(json.dumps(ckpt.model_config.to_dict()))})
 
 
@@ -121,55 +122,48 @@ def load_module_checkpoint(src: PathOrFile, model: torch.nn.Module, optimizer: t
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the target's directory, fsync, then rename over the target."""
-    with _atomic_file(path) as file:
+    """torch.save to a temporary file in the target's directory, fsync, then rename over the target
+    (fnlm.files.atomic_write); a full disk is an OSError "no space left writing PATH"."""
+    with atomic_write(path) as file:
         torch.save(obj, file)
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
-    """A binary file that replaces `path` only when the with-block completes without error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)  # make the rename itself durable
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _load(src: PathOrFile, expected_format: str, map_location: str | torch.device) -> dict[str, Any]:
     name = str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<file object>")
-    if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
-        raise FileNotFoundError(f"checkpoint {name!r} does not exist")
+    if isinstance(src, (str, os.PathLike)):
+        if not Path(src).exists():
+            raise FileNotFoundError(f"checkpoint {name} does not exist")
+        if not Path(src).is_file():
+            raise IsADirectoryError(f"checkpoint {name} is not a file")
+    try:
+        resolve_device(map_location)  # an unavailable device is no fault of the file
+    except RuntimeError as error:
+        raise ValueError(f"cannot load {name}: {error}") from None
+    if not _is_torch_file(src):
+        raise CheckpointError(f"{name} is not an fnlm checkpoint: it is not a file that torch.save wrote")
     try:
         blob = torch.load(src, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for truncated and foreign files
-        raise CheckpointError(
-            f"{name} is not a readable checkpoint (truncated, or not written by fnlm): {error}"
-        ) from error
+    except pickle.UnpicklingError:  # weights_only refused an object: torch's file, but not ours
+        raise CheckpointError(f"{name} is not an fnlm checkpoint: it holds objects other than tensors "
+                              "and plain data (fnlm never loads those)") from None
+    except Exception:  # torch raises several types for a damaged zip
+        raise CheckpointError(f"{name} is a damaged or cut-short checkpoint: PyTorch cannot read it") from None
     found = blob.get("format") if isinstance(blob, dict) else None
     if found != expected_format:
         raise CheckpointError(f"{name} is not an {expected_format} checkpoint (format: {found!r})")
     return blob
+
+
+def _is_torch_file(src: PathOrFile) -> bool:
+    """Whether src starts as torch.save's files do: a zip archive, or (before torch 1.6) a pickle."""
+    if isinstance(src, (str, os.PathLike)):
+        with open(src, "rb") as file:
+            head = file.read(4)
+    else:
+        at = src.tell()
+        head = src.read(4)
+        src.seek(at)
+    return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
 def _cpu(flat: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,9 +1,17 @@
 """Fetch the handout's datasets: `fnlm data download {tinystories,owt} --dest DIR`.
 
-A file is fetched into DIR/NAME.part, resumed with an HTTP Range request when an earlier run was
-cut off, checked against the manifest's size and sha256 where those are known, and only then
-renamed, so nothing under a final name is ever half-written. OpenWebText's .gz files are then
-gunzipped as a stream (constant memory) and removed, as `gunzip` does.
+A file is fetched into DIR/NAME.part and only renamed once complete and checked, so nothing
+under a final name is ever half-written. What is checked:
+  - resuming: a cut-off NAME.part is continued (HTTP Range) only with If-Range carrying the
+    validator (strong ETag, else Last-Modified) that NAME.part.json recorded when the part was
+    started, so a server whose file changed sends the whole new file instead; a part without a
+    recorded validator, or a 206 naming another version or total size, starts over;
+  - size: the bytes received must equal the size the server announced (Content-Length, or the
+    total of Content-Range);
+  - content: the manifest's size and sha256 where it pins them (today it pins none, so the
+    first download is trusted: its sha256 is recorded and every later run checks against it).
+OpenWebText's .gz files are then gunzipped as a stream (constant memory) and removed, as
+`gunzip` does.
 
 Next to each final file, NAME.sha256.json records the size and sha256 computed here and whether
 they matched a published value; later runs re-verify the file against that record. The manifest
@@ -26,8 +34,10 @@ import urllib.request
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from email.message import Message
 from pathlib import Path
 
+from .files import atomic_write, read_json
 from .progress import Progress
 
 BASE_URL_ENV = "FNLM_DATA_BASE_URL"
@@ -78,7 +88,7 @@ DATASETS = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(OSError):
     """A file could not be fetched; the message names the URL or path and the cause."""
 
 
@@ -155,7 +165,7 @@ def fetch_file(
             source = check_source(served, remote, verbose=verbose)
         else:
             source = download(url, served, remote, **fetch)
-            os.replace(partial(served), served)
+            finish(partial(served), served)
         digest = gunzip(served, partial(final), verbose=verbose)
     else:
         source = digest = download(url, final, remote, **fetch)  # the bytes wait in final's .part
@@ -163,7 +173,7 @@ def fetch_file(
         final.name, digest.size, digest.sha256, remote.name, source.size, source.sha256, known(remote), url
     )
     write_record(final, record)  # before the rename: a final file without a record is a manual copy
-    os.replace(partial(final), final)
+    finish(partial(final), final)
     if remote.gzipped:
         served.unlink()
     say(f"{final}: {digest.size} bytes, sha256 {digest.sha256}", verbose)
@@ -191,22 +201,35 @@ def download(
     try:
         check_digest(digest, remote, what=url)
     except ChecksumError as error:
-        part.unlink()  # resuming bad bytes cannot help
+        discard(part)  # resuming bad bytes cannot help
         raise ChecksumError(f"{error}; deleted {part}, run again to download it afresh") from None
     return digest
 
 
 def download_once(url: str, part: Path, remote: RemoteFile, *, verbose: bool) -> Digest:
-    """One request: continue part from its current size (or from 0 if the server ignores Range)."""
+    """One request: continue part where it stopped if the server confirms that it still serves
+    the file part was started from, else start over.
+
+    The confirmation is HTTP's If-Range: the request carries the validator (a strong ETag, else
+    Last-Modified) recorded in NAME.part.json when part was started, and a server whose file
+    changed answers 200 with the whole new file instead of 206 with the rest. A part without a
+    recorded validator is never resumed.
+    """
+    state = read_part_state(part)
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    if offset and (state is None or state.get("url") != url or not state.get("validator")):
+        say(f"{part}: no record of which version of {url} it holds; starting over", verbose)
+        discard(part)
+        offset = 0
+    headers = {"Range": f"bytes={offset}-", "If-Range": state["validator"]} if offset else {}
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
     except urllib.error.HTTPError as error:
-        if error.code == 416 and offset and range_total(error.headers.get("Content-Range")) == offset:
+        if (error.code == 416 and offset and range_total(error.headers.get("Content-Range")) == offset == state["size"]
+                and same_version(error.headers, state)):
             return hash_file(part, verbose=verbose)  # the previous run got every byte
         if error.code == 416:
-            part.unlink()
+            discard(part)
             raise Interrupted(f"{url}: server refused to resume at byte {offset}; starting over") from None
         raise DownloadError(f"cannot download {url}: HTTP {error.code} {error.reason}") from None
     except (urllib.error.URLError, OSError) as error:
@@ -214,11 +237,17 @@ def download_once(url: str, part: Path, remote: RemoteFile, *, verbose: bool) ->
     with response:
         start, total = resume_point(response, offset)
         if start is None:
-            part.unlink()
+            discard(part)
             content_range = response.headers.get("Content-Range")
             raise Interrupted(f"{url}: unusable Content-Range {content_range!r}; starting over")
+        if start and not (same_version(response.headers, state) and total in (None, state["size"])):
+            discard(part)  # a 206 from a server that ignored If-Range, for a file that changed
+            raise Interrupted(f"{url}: the file changed on the server since {part} was started; starting over")
         if start != offset:
-            say(f"{url}: the server ignored the Range request; restarting from byte 0", verbose)
+            say(f"{url}: the server sent the whole file (it changed, or the server ignores Range); "
+                "restarting from byte 0", verbose)
+        if start == 0:
+            write_part_state(part, {"url": url, "validator": validator(response.headers), "size": total})
         return receive(response, part, start, total, url=url, verbose=verbose)
 
 
@@ -247,6 +276,9 @@ def receive(
             os.fsync(out.fileno())
     if total is not None and size < total:
         raise Interrupted(f"{url}: connection closed after {size} of {total} bytes; {part} keeps them")
+    if total is not None and size != total:
+        discard(part)
+        raise ChecksumError(f"{url}: received {size} bytes, but the server announced {total}; deleted {part}")
     return Digest(size, hasher.hexdigest())
 
 
@@ -264,6 +296,21 @@ def resume_point(response: http.client.HTTPResponse, offset: int) -> tuple[int |
     return 0, int(length) if length is not None else None
 
 
+def validator(headers: Message) -> str | None:
+    """What If-Range can send back: a strong ETag, else Last-Modified (None if neither)."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):  # If-Range takes only strong ETags
+        return etag
+    return headers.get("Last-Modified")
+
+
+def same_version(headers: Message, state: dict) -> bool:
+    """False if a response names a version (validator) other than the one recorded; a response
+    that names none is taken at its word (it honoured If-Range)."""
+    found = validator(headers)
+    return found is None or found == state["validator"]
+
+
 def range_total(content_range: str | None) -> int | None:
     """The N of a 416 answer's 'bytes */N'."""
     match = re.fullmatch(r"bytes \*/(\d+)", content_range or "")
@@ -274,9 +321,8 @@ def offline_message(url: str, error: Exception, part: Path, remote: RemoteFile) 
     cause = getattr(error, "reason", error)
     then = "verify and gunzip it" if remote.gzipped else "verify it and record its checksum"
     return (
-        f"cannot download {url}: {cause}.\n"
-        f"If this machine has no internet access, download that URL elsewhere and copy the file to "
-        f"{part.with_name(remote.name)}, then run this command again to {then}."
+        f"cannot download {url}: {cause}. If this machine has no internet access, download that URL "
+        f"elsewhere and copy the file to {part.with_name(remote.name)}, then run this command again to {then}."
     )
 
 
@@ -366,10 +412,38 @@ def hash_prefix(path: Path, length: int, bar: Progress | None = None) -> hashlib
 
 
 def write_record(final: Path, record: Record) -> None:
-    path = record_file(final)
-    temporary = partial(path)
-    temporary.write_text(json.dumps(asdict(record), indent=2) + "\n")
-    os.replace(temporary, path)
+    with atomic_write(record_file(final), "w") as file:
+        file.write(json.dumps(asdict(record), indent=2) + "\n")
+
+
+def read_part_state(part: Path) -> dict | None:
+    """NAME.part.json: the url, validator and announced size of the file part was started from."""
+    path = part_state_file(part)
+    try:
+        state = read_json(path) if path.exists() else None
+    except ValueError:  # a damaged record only costs a fresh start
+        return None
+    return state if isinstance(state, dict) and {"url", "validator", "size"} <= state.keys() else None
+
+
+def write_part_state(part: Path, state: dict) -> None:
+    with atomic_write(part_state_file(part), "w") as file:
+        file.write(json.dumps(state, indent=2) + "\n")
+
+
+def finish(part: Path, target: Path) -> None:
+    """Rename a complete, checked part to its final name and drop its state."""
+    os.replace(part, target)
+    part_state_file(part).unlink(missing_ok=True)
+
+
+def discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    part_state_file(part).unlink(missing_ok=True)
+
+
+def part_state_file(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
 
 
 def record_file(final: Path) -> Path:

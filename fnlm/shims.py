@@ -13,20 +13,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .nn import embedding, linear, multihead_self_attention, rmsnorm, rope, swiglu
+from .nn import multihead_self_attention
 from .config import ModelConfig
-from .model import (
-    attention_spec,
-    block_spec,
-    embedding_spec,
-    ffn_spec,
-    linear_spec,
-    lm_spec,
-    materialize,
-    rmsnorm_spec,
-    transformer_block,
-    transformer_lm,
-)
+from .model import attention_spec, block_spec, lm_spec, materialize, transformer_block, transformer_lm
 from .optim import (
     GradientTransformation,
     ScaleByAdamState,
@@ -63,52 +52,6 @@ class TreeModule(nn.Module):
 
 def _sampled(spec: PyTree, seed: int, device, dtype) -> PyTree:
     return materialize(spec, seed=seed, device=device or "cpu", dtype=dtype or torch.float32)
-
-
-class Linear(TreeModule):
-    def __init__(self, in_features: int, out_features: int, device=None, dtype=None, *, seed: int = 0):
-        super().__init__(_sampled(linear_spec(in_features, out_features), seed, device, dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(self.params(), x)
-
-
-class Embedding(TreeModule):
-    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None, *, seed: int = 0):
-        super().__init__(_sampled(embedding_spec(num_embeddings, embedding_dim), seed, device, dtype))
-
-    def forward(self, token_ids: Tensor) -> Tensor:
-        return embedding(self.params(), token_ids)
-
-
-class RMSNorm(TreeModule):
-    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
-        super().__init__(_sampled(rmsnorm_spec(d_model), 0, device, dtype))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rmsnorm(self.params(), x, self.eps)
-
-
-class SwiGLU(TreeModule):
-    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None, *, seed: int = 0):
-        super().__init__(_sampled(ffn_spec(d_model, d_ff), seed, device, dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return swiglu(self.params(), x)
-
-
-class RotaryPositionalEmbedding(nn.Module):
-    """RoPE has no parameters; positions at or beyond max_seq_len are an error."""
-
-    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
-        super().__init__()
-        self.theta, self.d_k, self.max_seq_len = theta, d_k, max_seq_len
-
-    def forward(self, x: Tensor, token_positions: Tensor) -> Tensor:
-        if token_positions.numel() and int(token_positions.max()) >= self.max_seq_len:
-            raise ValueError(f"token position {int(token_positions.max())} >= max_seq_len {self.max_seq_len}")
-        return rope(x, token_positions, self.theta)
 
 
 class MultiHeadSelfAttention(TreeModule):

@@ -14,6 +14,7 @@ from fnlm.model import init_params
 from fnlm.optim import adamw, apply_updates
 from fnlm.tree import flatten, tree_map, unflatten
 from tests import adapters
+from tests.full_disk import disk_full_after
 
 TINY = ModelConfig(vocab_size=32, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=24)
 
@@ -114,20 +115,51 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
     save_checkpoint(good, model_config=TINY, params=params, step=1)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated.pt is not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="truncated.pt is a damaged or cut-short checkpoint"):
         load_checkpoint(truncated)
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        load_checkpoint(tmp_path / "text.pt")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4000))
+    for name in ("text.pt", "random.pt"):  # never torch's advice to retry with weights_only=False
+        with pytest.raises(CheckpointError, match=f"{name} is not an fnlm checkpoint: it is not a file that "
+                                                  "torch.save wrote$"):
+            load_checkpoint(tmp_path / name)
     torch.save({"model": {}}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match=r"not an fnlm.checkpoint/1 checkpoint \(format: None\)"):
         load_checkpoint(tmp_path / "foreign.pt")
+    torch.save({"format": checkpoint.FORMAT, "obj": _TestNet}, tmp_path / "pickled.pt")
+    with pytest.raises(CheckpointError, match="pickled.pt is not an fnlm checkpoint: it holds objects other than"):
+        load_checkpoint(tmp_path / "pickled.pt")
     with pytest.raises(CheckpointError, match="not an fnlm.module-checkpoint/1 checkpoint"):
         adapters.run_load_checkpoint(good, _TestNet(), adapters.get_adamw_cls()(_TestNet().parameters()))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(IsADirectoryError, match="is not a file"):
+        load_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="step must be a non-negative int"):
         save_checkpoint(good, model_config=TINY, params=params, step=-1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_an_unavailable_device_is_not_blamed_on_the_file(tmp_path):
+    params, _, _ = trained(1)
+    save_checkpoint(tmp_path / "ckpt.pt", model_config=TINY, params=params, step=1)
+    with pytest.raises(ValueError, match=r"cannot load .*ckpt.pt: device 'cuda' is not available: no CUDA"):
+        load_checkpoint(tmp_path / "ckpt.pt", map_location="cuda")
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """torch.save reports a failed write as "RuntimeError: unexpected pos N vs M"; the OSError
+    beneath it becomes one that names the checkpoint."""
+    params, _, _ = trained(1)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model_config=TINY, params=params, step=1)
+    before = path.read_bytes()
+    with disk_full_after(monkeypatch, 1000), pytest.raises(OSError, match=f"no space left writing {path}$"):
+        save_checkpoint(path, model_config=TINY, params=params, step=2)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    with disk_full_after(monkeypatch, 100), pytest.raises(OSError, match="no space left writing .*params.npz$"):
+        export_npz(path, tmp_path / "params.npz")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
 def test_export_npz_reads_with_numpy_alone(tmp_path):

@@ -32,18 +32,29 @@ class FileServer:
 
     cuts: byte counts; the n-th response sends only cuts[n] body bytes, then drops the connection.
     honour_range: False answers every request with the whole file (200), as some servers do.
+    honour_if_range: False serves a Range even when If-Range names another version.
     corrupt: flip one byte in the middle of every body.
+    validators: "etag" (a strong ETag of the file's bytes), "weak-etag", "last-modified" or "none".
     """
+
+    LAST_MODIFIED = "Tue, 01 Dec 2026 10:00:00 GMT"
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files
         self.cuts: list[int] = []
         self.honour_range = True
+        self.honour_if_range = True
         self.corrupt = False
+        self.validators = "etag"
         self.log: list[dict] = []
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/files"
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+
+    def version_headers(self, body: bytes) -> dict[str, str]:
+        etag = f'"{sha256(body)[:16]}"'
+        return {"etag": {"ETag": etag}, "weak-etag": {"ETag": "W/" + etag},
+                "last-modified": {"Last-Modified": self.LAST_MODIFIED}, "none": {}}[self.validators]
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -55,21 +66,28 @@ class FileServer:
                     self.send_error(404)
                     return
                 body = server.files[name]
+                version = server.version_headers(body)
                 if server.corrupt:
                     middle = len(body) // 2
                     body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
-                requested = self.headers.get("Range")
+                requested, if_range = self.headers.get("Range"), self.headers.get("If-Range")
                 start = int(requested.removeprefix("bytes=").removesuffix("-")) if requested else 0
                 entry = {"name": name, "range": requested, "sent": 0}
+                if if_range is not None:
+                    entry["if_range"] = if_range
                 server.log.append(entry)
-                if requested and server.honour_range and start >= len(body):
+                same = if_range is None or not server.honour_if_range or if_range in version.values()
+                use_range = requested and server.honour_range and same
+                if use_range and start >= len(body):
                     entry["status"] = 416
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(body)}")
                     self.send_header("Content-Length", "0")
+                    for key, value in version.items():
+                        self.send_header(key, value)
                     self.end_headers()
                     return
-                if requested and server.honour_range:
+                if use_range:
                     entry["status"] = 206
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -78,6 +96,8 @@ class FileServer:
                     entry["status"] = 200
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
+                for key, value in version.items():
+                    self.send_header(key, value)
                 self.end_headers()
                 if server.cuts:
                     body = body[: server.cuts.pop(0)]
@@ -128,18 +148,66 @@ def test_full_download_records_the_computed_checksum(server, tmp_path):
     )
 
 
-def test_a_cut_download_resumes_and_fetches_only_the_rest(server, tmp_path):
-    server.cuts = [3000]
-    with pytest.raises(Interrupted, match="after 3000 of 10240 bytes"):
-        fetch(server, tmp_path)
-    assert not (tmp_path / "TinyStoriesV2-GPT4-train.txt").exists()
-    assert (tmp_path / "TinyStoriesV2-GPT4-train.txt.part").stat().st_size == 3000
+def cut_download(server: FileServer, dest: Path, at: int = 3000) -> Path:
+    """A first download cut off after `at` bytes: NAME.part and NAME.part.json are left."""
+    server.cuts = [at]
+    with pytest.raises(Interrupted, match=f"after {at} of {len(TRAIN)} bytes"):
+        fetch(server, dest)
+    part = dest / "TinyStoriesV2-GPT4-train.txt.part"
+    assert part.stat().st_size == at and part.with_name(part.name + ".json").exists()
+    assert not (dest / "TinyStoriesV2-GPT4-train.txt").exists()
+    return part
 
+
+def test_a_cut_download_resumes_and_fetches_only_the_rest(server, tmp_path):
+    cut_download(server, tmp_path)
     path = fetch(server, tmp_path, RemoteFile("TinyStoriesV2-GPT4-train.txt", len(TRAIN), sha256(TRAIN)))
     assert path.read_bytes() == TRAIN
-    resumed = {"name": path.name, "range": "bytes=3000-", "status": 206, "sent": len(TRAIN) - 3000}
+    etag = server.version_headers(TRAIN)["ETag"]
+    resumed = {"name": path.name, "range": "bytes=3000-", "if_range": etag, "status": 206, "sent": len(TRAIN) - 3000}
     assert server.log[-1] == resumed
     assert record(path)["source_checked_against_manifest"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".sha256.json"]  # no part state
+
+
+@pytest.mark.parametrize("validators", ["etag", "last-modified"])
+def test_a_file_changed_on_the_server_is_fetched_afresh_not_spliced(server, tmp_path, validators):
+    """The issue's case: a .part of other bytes was resumed into a corrupt file with exit 0."""
+    server.validators = validators
+    cut_download(server, tmp_path)
+    changed = TRAIN[::-1]
+    server.files["TinyStoriesV2-GPT4-train.txt"] = changed
+    if validators == "last-modified":
+        server.LAST_MODIFIED = "Wed, 02 Dec 2026 10:00:00 GMT"
+    assert fetch(server, tmp_path).read_bytes() == changed
+    assert server.log[-1]["range"] == "bytes=3000-" and server.log[-1]["status"] == 200  # If-Range said no
+    assert record(tmp_path / "TinyStoriesV2-GPT4-train.txt")["sha256"] == sha256(changed)
+
+
+def test_a_206_for_another_version_starts_over(server, tmp_path):
+    """A server that ignores If-Range still names its version (ETag) in the 206: refuse to splice."""
+    cut_download(server, tmp_path)
+    server.files["TinyStoriesV2-GPT4-train.txt"] = TRAIN[::-1]
+    server.honour_if_range = False
+    with pytest.raises(Interrupted, match="the file changed on the server since .*part was started; starting over"):
+        fetch(server, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert fetch(server, tmp_path).read_bytes() == TRAIN[::-1]
+
+
+@pytest.mark.parametrize("validators", ["weak-etag", "none"])
+def test_a_part_without_a_validator_is_never_resumed(server, tmp_path, validators):
+    server.validators = validators
+    cut_download(server, tmp_path)
+    (tmp_path / "TinyStoriesV2-GPT4-train.txt.part").write_bytes(b"stale bytes from another file")
+    assert fetch(server, tmp_path).read_bytes() == TRAIN
+    assert server.log[-1] == {"name": "TinyStoriesV2-GPT4-train.txt", "range": None, "status": 200, "sent": len(TRAIN)}
+
+
+def test_a_part_left_by_hand_or_an_older_version_starts_over(server, tmp_path):
+    (tmp_path / "TinyStoriesV2-GPT4-train.txt.part").write_bytes(b"stale bytes from another file")
+    assert fetch(server, tmp_path).read_bytes() == TRAIN
+    assert [(entry["range"], entry["status"]) for entry in server.log] == [(None, 200)]
 
 
 def test_interruptions_are_retried_within_one_run(server, tmp_path):
@@ -150,17 +218,25 @@ def test_interruptions_are_retried_within_one_run(server, tmp_path):
 
 
 def test_a_server_that_ignores_range_restarts_cleanly(server, tmp_path):
-    (tmp_path / "TinyStoriesV2-GPT4-train.txt.part").write_bytes(b"stale bytes from another file")
+    cut_download(server, tmp_path)
     server.honour_range = False
     assert fetch(server, tmp_path).read_bytes() == TRAIN
-    restarted = {"name": "TinyStoriesV2-GPT4-train.txt", "range": "bytes=29-", "status": 200, "sent": len(TRAIN)}
-    assert server.log == [restarted]
+    assert server.log[-1]["range"] == "bytes=3000-" and server.log[-1]["status"] == 200
 
 
 def test_a_complete_part_file_is_finished_without_a_body(server, tmp_path):
-    (tmp_path / "TinyStoriesV2-GPT4-train.txt.part").write_bytes(TRAIN)
+    cut_download(server, tmp_path, at=len(TRAIN) - 1)
+    with open(tmp_path / "TinyStoriesV2-GPT4-train.txt.part", "ab") as part:  # as if the last byte had arrived
+        part.write(TRAIN[-1:])
     assert fetch(server, tmp_path).read_bytes() == TRAIN
-    assert [entry["status"] for entry in server.log] == [416]
+    assert [entry["status"] for entry in server.log] == [200, 416]
+
+
+def test_fewer_bytes_than_announced_is_never_accepted(server, tmp_path):
+    server.cuts = [len(TRAIN) - 1]
+    with pytest.raises(Interrupted, match=f"connection closed after {len(TRAIN) - 1} of {len(TRAIN)} bytes"):
+        fetch(server, tmp_path)
+    assert not (tmp_path / "TinyStoriesV2-GPT4-train.txt").exists()
 
 
 def test_corrupt_bytes_are_rejected_and_not_kept(server, tmp_path):
@@ -228,4 +304,6 @@ def test_cli(server, tmp_path, capsys):
     assert main(argv + ["--split", "valid"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "TinyStoriesV2-GPT4-valid.txt")
     assert main(argv[:-3] + ["--base-url", server.url + "/missing", "--quiet"]) == 1
-    assert "HTTP 404" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("fnlm data download: error: cannot download ") and "HTTP 404" in err
+    assert err.count("\n") == 1

@@ -1,5 +1,7 @@
 """`fnlm generate` end to end on a tiny checkpoint and byte-level tokenizer; streaming UTF-8."""
 
+import io
+
 import pytest
 import torch
 from hypothesis import given
@@ -8,7 +10,7 @@ from hypothesis import strategies as st
 from fnlm import cli
 from fnlm.config import ModelConfig
 from fnlm.decode import generate
-from fnlm.cli.generate import stream_text
+from fnlm.cli.generate import generate_samples, stream_text
 from fnlm.model import init_params
 
 EOS = "<|endoftext|>"
@@ -92,12 +94,35 @@ def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(capsys, model_fi
         (("--prompt", "a", "--top-p", "0"), r"top_p must be in (0, 1]"),
         (("--prompt", "a", "--temperature", "-1"), "temperature must be a finite number >= 0"),
         (("--prompt", "a", "--num-samples", "0"), "--num-samples must be >= 1"),
+        (("--prompt", "a", "--eos", "<|stop|>"), "--eos '<|stop|>' is not a token of the tokenizer in "),
+        (("--prompt", "a", "--device", "nonsense"), "--device nonsense: "),
     ],
 )
-def test_bad_arguments_exit_2_with_a_message(capsys, model_files, flags, message):
+def test_bad_arguments_exit_1_with_one_line(capsys, model_files, flags, message):
     code, out, err = run_cli(capsys, model_files, *flags)
-    assert code == 2 and out == ""
-    assert err.startswith("fnlm generate: error: ") and message in err
+    assert code == 1 and out == ""
+    assert err.startswith("fnlm generate: error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_says_so(capsys, model_files):
+    code, _, err = run_cli(capsys, model_files, "--prompt", "a", "--device", "cuda")
+    assert code == 1 and err.startswith("fnlm generate: error: --device cuda: ") and "no CUDA device" in err
+    assert "checkpoint" not in err
+
+
+def test_an_eos_in_the_vocabulary_but_not_special_ends_samples(capsys, model_files):
+    code, out, _ = run_cli(capsys, model_files, "--prompt", "Hi", "--max-new-tokens", "5", "--eos", "x")
+    assert code == 0 and out.startswith("Hi")
+
+
+def test_generate_samples_takes_plain_arguments(model_files):
+    root, tokenizer, cfg, params = model_files
+    out, notes = io.StringIO(), io.StringIO()
+    generate_samples(root / "ckpt.pt", root / "tok", "Hi", max_new_tokens=4, temperature=0, out=out, notes=notes)
+    completion = generate(params, cfg, tokenizer.encode("Hi"), max_new_tokens=4, temperature=0,
+                          eos_id=tokenizer.encode(EOS)[0])
+    assert out.getvalue() == "Hi" + tokenizer.decode([i for i in completion if i != tokenizer.encode(EOS)[0]]) + "\n"
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused(capsys, model_files, tmp_path):
@@ -105,7 +130,7 @@ def test_a_tokenizer_larger_than_the_model_is_refused(capsys, model_files, tmp_p
     tokenizer_module.Tokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=[EOS, "<pad>"]).save(tmp_path)
     code = cli.main(["generate", "--checkpoint", str(model_files[0] / "ckpt.pt"), "--tokenizer", str(tmp_path),
                      "--prompt", "a", "--eos", "<pad>"])
-    assert code == 2 and "more than the model's vocab_size 257" in capsys.readouterr().err
+    assert code == 1 and "more than the model's vocab_size 257" in capsys.readouterr().err
 
 
 def test_the_parser_documents_every_flag():

@@ -4,21 +4,20 @@
     fnlm generate ... --temperature 0.8 --top-p 0.9 --num-samples 3 --seed 7
 
 The tokenizer directory is one that `fnlm train-bpe` or Tokenizer.save wrote: vocab.json and
-merges.txt (GPT-2's format) and special_tokens.json. Sample i draws from its own generator seeded with seed + i, so any one sample can
-be reproduced alone with --seed SEED+i --num-samples 1. A sample stops at the --eos token or after
---max-new-tokens. Output is the prompt and its completion on stdout; notes go to stderr.
+merges.txt (GPT-2's format) and special_tokens.json. Sample i draws from its own generator
+seeded with seed + i, so any one sample can be reproduced alone with --seed SEED+i
+--num-samples 1. A sample stops at the --eos token or after --max-new-tokens. Output is the
+prompt and its completion on stdout; notes go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, TextIO
-
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 class TextDecoder(Protocol):
@@ -46,69 +45,86 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     try:
-        return generate_samples(args, out=sys.stdout, notes=sys.stderr)
-    except (ValueError, TypeError, OSError) as error:  # bad arguments or files: say what, no traceback
-        print(f"fnlm generate: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:  # stopping a long sample early is normal use
+        generate_samples(
+            args.checkpoint, args.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, num_samples=args.num_samples,
+            eos=args.eos, device=args.device, out=sys.stdout, notes=sys.stderr,
+        )
+    except KeyboardInterrupt:  # stopping a long sample early is normal use: end its line
         print(file=sys.stdout)
-        return EXIT_INTERRUPTED
+        raise
+    return 0
 
 
-def generate_samples(args: argparse.Namespace, *, out: TextIO, notes: TextIO) -> int:
+def generate_samples(
+    checkpoint_path: str | os.PathLike, tokenizer_dir: str | os.PathLike, prompt: str, *,
+    max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
+    eos: str = "<|endoftext|>", device: str = "cpu", out: TextIO, notes: TextIO,
+) -> None:
+    """Write num_samples completions of `prompt` to `out` as they are sampled, notes to `notes`.
+
+    checkpoint_path: a file fnlm train wrote; tokenizer_dir: a folder Tokenizer.save wrote; eos:
+    a special token (or a single token) of that tokenizer that ends a sample, '' for none.
+    Sample i uses a generator seeded with seed + i. ValueError/OSError name the argument at fault.
+    """
     import torch
 
     from ..checkpoint import load_checkpoint
+    from ..data import resolve_device
     from ..decode import check_temperature, check_top_p, generate_steps
     from ..tokenizer import Tokenizer
 
-    check_temperature(args.temperature)
-    check_top_p(args.top_p)
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    tokenizer = Tokenizer.load(args.tokenizer)
-    if args.eos and args.eos not in tokenizer.special_tokens:
-        tokenizer = Tokenizer.load(args.tokenizer, [*tokenizer.special_tokens, args.eos])
-    checkpoint = load_checkpoint(args.checkpoint, map_location=args.device)
-    cfg = checkpoint.model_config
+    check_temperature(temperature)
+    check_top_p(top_p)
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    if max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    try:
+        device = resolve_device(device)  # "auto" -> a device torch.load understands
+    except RuntimeError as error:  # not the checkpoint's fault: say so before loading it
+        raise ValueError(f"--device {device}: {error}") from None
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if eos and eos not in tokenizer.special_tokens:
+        if eos.encode("utf-8") not in tokenizer.vocab.values():
+            raise ValueError(f"--eos {eos!r} is not a token of the tokenizer in {tokenizer_dir} (its special "
+                             f"tokens: {tokenizer.special_tokens}); pass one of those, or --eos '' for none")
+        tokenizer = Tokenizer.load(tokenizer_dir, [*tokenizer.special_tokens, eos])  # one vocabulary token: unsplit
+    ckpt = load_checkpoint(checkpoint_path, map_location=device)
+    cfg = ckpt.model_config
     if len(tokenizer.vocab) > cfg.vocab_size:
         raise ValueError(
-            f"the tokenizer in {args.tokenizer} has {len(tokenizer.vocab)} tokens (--eos included), more than "
-            f"the model's vocab_size {cfg.vocab_size}: is it the tokenizer this checkpoint was trained with?"
+            f"the tokenizer in {tokenizer_dir} has {len(tokenizer.vocab)} tokens, more than the model's vocab_size "
+            f"{cfg.vocab_size}: is it the tokenizer this checkpoint was trained with?"
         )
-    eos_id = tokenizer.encode(args.eos)[0] if args.eos else None
+    eos_id = tokenizer.encode(eos)[0] if eos else None
 
-    prompt_ids = tokenizer.encode(args.prompt)
+    prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
-        raise ValueError(f"the prompt is empty; to sample without one, pass --prompt '{args.eos or '<|endoftext|>'}'")
+        raise ValueError(f"the prompt is empty; to sample without one, pass --prompt '{eos or '<|endoftext|>'}'")
     if len(prompt_ids) > cfg.context_length:
         print(f"warning: the prompt has {len(prompt_ids)} tokens, more than the model's context of "
               f"{cfg.context_length}; keeping its last {cfg.context_length}", file=notes)
-    elif len(prompt_ids) + args.max_new_tokens > cfg.context_length:
+    elif len(prompt_ids) + max_new_tokens > cfg.context_length:
         print(f"note: the model reads at most {cfg.context_length} tokens; past that its window hops "
               f"forward by half a context (fnlm.decode.window_start)", file=notes)
 
-    for sample in range(args.num_samples):
-        seed = args.seed + sample
+    for sample in range(num_samples):
         if sample:
             out.write("\n")
-        if args.num_samples > 1:
-            print(f"=== sample {sample + 1} of {args.num_samples} (seed {seed}) ===", file=out)
+        if num_samples > 1:
+            print(f"=== sample {sample + 1} of {num_samples} (seed {seed + sample}) ===", file=out)
         steps = generate_steps(
-            checkpoint.params, cfg, [prompt_ids], max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, eos_id=eos_id,
-            generator=[torch.Generator().manual_seed(seed)], truncate_prompt=True,
+            ckpt.params, cfg, [prompt_ids], max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, eos_id=eos_id,
+            generator=[torch.Generator().manual_seed(seed + sample)], truncate_prompt=True,
         )
-        out.write(args.prompt)
-        tokens = (step[0] for step in steps if step[0] not in (None, eos_id))
-        for piece in stream_text(tokenizer, tokens):
+        out.write(prompt)
+        for piece in stream_text(tokenizer, (step[0] for step in steps if step[0] not in (None, eos_id))):
             out.write(piece)
             out.flush()
         out.write("\n")
         out.flush()
-    return 0
 
 
 def stream_text(tokenizer: TextDecoder, token_ids: Iterable[int]) -> Iterator[str]:

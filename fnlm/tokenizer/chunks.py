@@ -29,6 +29,9 @@ def chunk_boundaries(path: str | os.PathLike, special_tokens: Sequence[str],
     Each offset is a cut (see the module docstring), found by reading a small window after the
     nominal offset, so that chunks can be pre-tokenized independently and exactly.
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"input file {path} does not exist" if not os.path.exists(path)
+                                else f"input {path} is not a file")
     size = os.path.getsize(path)
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     specials = special_pattern(special_tokens)

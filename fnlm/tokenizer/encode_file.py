@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write
 from ..progress import Progress
 from .chunks import chunk_boundaries, map_chunks, read_chunk
 from .tokenizer import Tokenizer
@@ -25,14 +26,16 @@ def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, output_path
     The file is cut into ~1 MB chunks at cuts (pretokenize.py), so chunks encode independently
     yet add up to tokenizer.encode(whole text); `num_workers` processes (default: all cores)
     encode them and this one writes them in order. The array appears under `output_path` only
-    when complete.
+    when complete: on any failure, Ctrl-C or a full disk included, no partial file is left
+    (fnlm.files.atomic_write). An output that is the input is refused before anything is written.
     """
+    output_path = Path(output_path)
+    if _same_file(input_path, output_path):
+        raise ValueError(f"the output {output_path} is the input {input_path}: writing it would destroy the text")
     dtype = token_dtype(tokenizer)
     bounds = chunk_boundaries(input_path, tokenizer.special_tokens)
-    output_path = Path(output_path)
-    partial = output_path.with_name(output_path.name + ".part")
     count = 0
-    with open(partial, "wb") as out, Progress("tokenize", total=bounds[-1], unit="B", enabled=progress) as bar:
+    with atomic_write(output_path) as out, Progress("tokenize", total=bounds[-1], unit="B", enabled=progress) as bar:
         out.write(_npy_header(dtype, 0))  # rewritten below with the final length
         for size, ids in map_chunks(_encode_chunks, (tokenizer, input_path, dtype), bounds, num_workers, ordered=True):
             out.write(ids.tobytes())
@@ -40,8 +43,17 @@ def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, output_path
             bar.update(size, tokens=count)
         out.seek(0)
         out.write(_npy_header(dtype, count))
-    os.replace(partial, output_path)
     return count
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether paths a and b name one file (through symlinks, '..' or hard links)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def _encode_chunks(tokenizer: Tokenizer, path: str | os.PathLike, dtype: np.dtype,

@@ -45,19 +45,21 @@ def text_to_token(text: str) -> bytes:
                          "which is not in GPT-2's byte alphabet") from None
 
 
-def save(directory: str | os.PathLike, vocab: Mapping[int, bytes], merges: Sequence[tuple[bytes, bytes]]) -> None:
-    """Write vocab.json (one token a line, by id) and merges.txt into `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def vocab_text(vocab: Mapping[int, bytes]) -> str:
+    """vocab.json's text: one token a line, by id."""
     entries = [f"  {json.dumps(token_to_text(vocab[i]), ensure_ascii=False)}: {i}" for i in sorted(vocab)]
-    (directory / "vocab.json").write_text("{\n" + ",\n".join(entries) + "\n}\n", encoding="utf-8")
+    return "{\n" + ",\n".join(entries) + "\n}\n"
+
+
+def merges_text(merges: Sequence[tuple[bytes, bytes]]) -> str:
+    """merges.txt's text: the version header, then one "left right" pair a line."""
     lines = [MERGES_HEADER, *(f"{token_to_text(a)} {token_to_text(b)}" for a, b in merges)]
-    (directory / "merges.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return "".join(f"{line}\n" for line in lines)
 
 
 def load_vocab(path: str | os.PathLike) -> dict[int, bytes]:
     """Read a vocab.json into {id: token bytes}; ValueError naming the file and line if malformed."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = _read_text(path)
     where = _locator(path, text)
 
     def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -96,19 +98,17 @@ def load_merges(path: str | os.PathLike) -> tuple[list[tuple[bytes, bytes]], lis
     """
     merges: list[tuple[bytes, bytes]] = []
     lines: list[int] = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            line = line.rstrip("\r\n")
-            if not line or (number == 1 and line.startswith("#version")):
-                continue
-            parts = line.split(" ")
-            if len(parts) != 2 or not all(parts):
-                raise ValueError(f"{path}:{number}: expected two tokens separated by one space, got {line!r}")
-            try:
-                merges.append((text_to_token(parts[0]), text_to_token(parts[1])))
-            except ValueError as error:
-                raise ValueError(f"{path}:{number}: {error}") from None
-            lines.append(number)
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):  # universal newlines: only \n
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"{path}:{number}: expected two tokens separated by one space, got {line!r}")
+        try:
+            merges.append((text_to_token(parts[0]), text_to_token(parts[1])))
+        except ValueError as error:
+            raise ValueError(f"{path}:{number}: {error}") from None
+        lines.append(number)
     return merges, lines
 
 
@@ -127,6 +127,13 @@ def check_merges(vocab: Mapping[int, bytes], merges: Sequence[tuple[bytes, bytes
         if merge in first:
             raise ValueError(f"{where(i)}: merge {_spell(merge)} repeats {where(first[merge])}")
         first[merge] = i
+
+
+def _read_text(path: str | os.PathLike) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); the file is damaged") from None
 
 
 def _spell(merge: tuple[bytes, bytes]) -> str:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from itertools import chain, filterfalse, islice
 
+from ..files import read_json, write_files
 from . import gpt2
 from .bpe import Merger
 from .pretokenize import last_cut, pretokenize, special_pattern
 
 STREAM_BLOCK = 1 << 12  # characters encode_iterable gathers before it encodes (amortizes a call)
-SPECIAL_TOKENS_FILE = "special_tokens.json"  # beside vocab.json and merges.txt in a tokenizer folder
+VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"  # GPT-2's files
+SPECIAL_TOKENS_FILE = "special_tokens.json"  # beside them: the special tokens, a JSON list
+MANIFEST_FILE = "manifest.json"  # vocab.json's and merges.txt's size and sha256, which Tokenizer.load checks
+MANIFEST_FORMAT = "fnlm.tokenizer/1"
 CACHE_SIZE = 1 << 18  # pre-tokens (~40 MB); encoding the 92 MB English corpus took 15% longer with 2**17
 
 
@@ -54,16 +59,44 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike, special_tokens: Sequence[str] | None = None) -> Tokenizer:
         """The tokenizer that `save` (or `fnlm train-bpe`) wrote into `directory`; special_tokens,
-        if given, replace those of its special_tokens.json."""
+        if given, replace those of its special_tokens.json.
+
+        A folder with a manifest.json (every folder `save` wrote) is checked against it first: a
+        file changed, replaced or cut short since (even at a line boundary) is a ValueError
+        naming it. Folders without one (GPT-2's files, older saves) load unchecked.
+        """
         directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"tokenizer folder {directory} does not exist" if not directory.exists()
+                                    else f"{directory} is not a tokenizer folder (it is a file)")
+        if not (directory / VOCAB_FILE).exists():
+            raise FileNotFoundError(f"{directory} is not a tokenizer folder: it has no {VOCAB_FILE}")
+        manifest = _read_manifest(directory)
+        if manifest is not None:
+            _check_against_manifest(directory, manifest)
         if special_tokens is None and (directory / SPECIAL_TOKENS_FILE).exists():
-            special_tokens = json.loads((directory / SPECIAL_TOKENS_FILE).read_text(encoding="utf-8"))
-        return cls.from_files(directory / "vocab.json", directory / "merges.txt", special_tokens)
+            special_tokens = read_json(directory / SPECIAL_TOKENS_FILE)
+            if not (isinstance(special_tokens, list) and all(isinstance(t, str) and t for t in special_tokens)):
+                raise ValueError(f"{directory / SPECIAL_TOKENS_FILE}: expected a JSON list of non-empty strings, "
+                                 f"got {special_tokens!r:.80}")
+        return cls.from_files(directory / VOCAB_FILE, directory / MERGES_FILE, special_tokens)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write vocab.json and merges.txt (GPT-2's format) and special_tokens.json into `directory`."""
-        gpt2.save(directory, self.vocab, self.merges)
-        (Path(directory) / SPECIAL_TOKENS_FILE).write_text(json.dumps(self.special_tokens) + "\n", encoding="utf-8")
+        """Write vocab.json and merges.txt (GPT-2's format), special_tokens.json (which one may
+        edit) and manifest.json (the vocabulary size, the number of merges, and the size and sha256
+        of vocab.json and merges.txt, which `load` checks) into `directory`, all or none: on a
+        full disk the folder keeps its old files (fnlm.files.write_files)."""
+        files = {VOCAB_FILE: gpt2.vocab_text(self.vocab).encode("utf-8"),
+                 MERGES_FILE: gpt2.merges_text(self.merges).encode("utf-8")}
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "vocab_size": len(self.vocab),
+            "merges": len(self.merges),
+            "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                      for name, data in files.items()},
+        }
+        write_files(directory, {**files, SPECIAL_TOKENS_FILE: json.dumps(self.special_tokens) + "\n",
+                                MANIFEST_FILE: json.dumps(manifest, indent=2) + "\n"})  # the manifest last
 
     def encode(self, text: str) -> list[int]:
         """The token ids of `text`; ValueError if it holds a lone surrogate (not UTF-8 encodable)."""
@@ -155,6 +188,36 @@ class _Cache:
             missing = list(filterfalse(self.table.__contains__, pieces))
         self.table.update(zip(missing, self.merger.many(missing)))
         return self.table
+
+
+def _read_manifest(directory: Path) -> dict | None:
+    """The folder's manifest.json, or None if it has none (a folder written before manifests)."""
+    path = directory / MANIFEST_FILE
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not (isinstance(files, dict) and manifest.get("format") == MANIFEST_FORMAT
+            and all(isinstance(entry, dict) and {"bytes", "sha256"} <= entry.keys() for entry in files.values())):
+        raise ValueError(f"{path}: not an {MANIFEST_FORMAT} manifest (expected 'format' and 'files' with "
+                         "each file's 'bytes' and 'sha256')")
+    return manifest
+
+
+def _check_against_manifest(directory: Path, manifest: dict) -> None:
+    """ValueError naming the first file whose size or sha256 differs from the manifest's."""
+    for name, expected in manifest["files"].items():
+        path = directory / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing (listed in {directory / MANIFEST_FILE})")
+        data = path.read_bytes()
+        found = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if found != {"bytes": expected["bytes"], "sha256": expected["sha256"]}:
+            raise ValueError(
+                f"{path} does not match {directory / MANIFEST_FILE} ({found['bytes']} bytes, expected "
+                f"{expected['bytes']}; sha256 {found['sha256'][:12]}..., expected {str(expected['sha256'])[:12]}...): "
+                "it was changed, replaced or cut short after the tokenizer was saved"
+            )
 
 
 def _check_vocab(vocab: Mapping[int, bytes]) -> dict[int, bytes]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 
@@ -46,8 +47,9 @@ def train_bpe(
     Returns (vocab, merges): vocab maps ids to token bytes, the special tokens first, then the
     256 bytes, then one token per merge in order; merges are the (left, right) pairs in order.
     Special tokens split the text and take no part in merges. Ties between equally frequent
-    pairs go to the lexicographically greater pair of bytes. Training stops early if no pair is
-    left. `num_workers` processes pre-tokenize (default: all cores).
+    pairs go to the lexicographically greater pair of bytes. Training stops early, with a
+    warning, if no pair is left (a small corpus supports fewer tokens than asked for).
+    `num_workers` processes pre-tokenize (default: all cores).
     """
     special_tokens = list(special_tokens)
     if not all(isinstance(token, str) and token for token in special_tokens):
@@ -65,6 +67,10 @@ def train_bpe(
         while len(state.merges) < vocab_size - base and state.merge_best():
             bar.update(1)
     merges = state.merges
+    if len(merges) < vocab_size - base:
+        warnings.warn(f"{input_path} supports only {len(merges)} merges (no pair of tokens is left to merge): "
+                      f"the vocabulary has {base + len(merges)} tokens, not the {vocab_size} asked for",
+                      stacklevel=2)
     vocab = {i: token.encode("utf-8") for i, token in enumerate(special_tokens)}
     vocab.update({len(special_tokens) + b: bytes([b]) for b in range(256)})
     vocab.update({base + i: a + b for i, (a, b) in enumerate(merges)})

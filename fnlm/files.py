@@ -1,0 +1,133 @@
+"""Files written whole or not at all, and JSON read with errors that name the file.
+
+    with atomic_write(path) as file:          # path appears only if the block completes
+        file.write(data)
+    write_files(folder, {"a.json": text_a, "b.txt": text_b})   # all of them, or none changed
+    values = read_json(path)                  # ValueError "PATH: not valid JSON (line 3: ...)"
+
+A write goes to a hidden temporary beside the target (same file system, so the rename is
+atomic), is fsynced, and renamed over the target. On any error, a full disk or Ctrl-C
+included, the temporary is removed and the target keeps its old contents; a write error is
+re-raised as an OSError that names the target ("no space left writing PATH").
+Imports no torch (the tokenizer uses it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """A file opened with `mode` ("wb" or "w") that replaces `path` when the block completes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        with _naming_write_errors(path):
+            with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as file:
+                yield file
+                file.flush()
+                os.fsync(file.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)  # make the rename itself durable
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_files(directory: str | os.PathLike, contents: Mapping[str, str | bytes]) -> None:
+    """Write each name -> contents into `directory` (str as UTF-8), all or none.
+
+    Every file is written to a temporary and fsynced before the first rename, so a full disk or
+    an interruption while writing leaves every old file as it was; the renames that follow
+    need no space. The renames go in the order given (put a manifest last).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    temporaries = {name: _temporary(directory / name) for name in contents}
+    try:
+        for name, data in contents.items():
+            with _naming_write_errors(directory / name), open(temporaries[name], "wb") as file:
+                file.write(data.encode("utf-8") if isinstance(data, str) else data)
+                file.flush()
+                os.fsync(file.fileno())
+        for name, tmp in temporaries.items():
+            os.replace(tmp, directory / name)
+        fsync_dir(directory)
+    finally:
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in `path`; ValueError naming the file and line if it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}: {error.msg}); "
+                         "the file is damaged or was cut short") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); the file is damaged") from None
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # errors that only a write raises
+
+
+def write_error(path: str | os.PathLike, error: OSError) -> OSError:
+    """An OSError of the same kind whose message names `path`: "no space left writing PATH"."""
+    if error.errno in _FULL:
+        what = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded"}.get(error.errno, "file too large")
+        return OSError(error.errno, f"{what} writing {path}")
+    return OSError(error.errno, f"cannot write {path}: {error.strerror or error}")
+
+
+@contextlib.contextmanager
+def _naming_write_errors(path: Path) -> Iterator[None]:
+    """Re-raise a full disk in the block, or any OSError that a library wrapped in another error
+    (torch.save wraps a failed write in "RuntimeError: unexpected pos"), as write_error(path)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _FULL:
+            raise  # e.g. an input file the block reads: its own message names it
+        raise write_error(path, error) from error
+    except Exception as error:
+        cause = _os_error_in(error)
+        if cause is None:
+            raise
+        raise write_error(path, cause) from error
+
+
+def _os_error_in(error: BaseException | None) -> OSError | None:
+    """The first OSError in error's chain of causes and contexts."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory (its renames); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,77 @@
+"""A full disk for tests: an injected ENOSPC in fnlm.files' writes (everywhere), or a real small
+tmpfs where this machine lets the test mount one (root on Linux; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fnlm import files
+
+
+class _FillingFile:
+    """A file whose writes fail with ENOSPC once `budget[0]` bytes have been written in all."""
+
+    def __init__(self, file, budget: list[int]) -> None:
+        self._file, self._budget = file, budget
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self._budget[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._budget[0] -= size
+        return self._file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def disk_full_after(monkeypatch: pytest.MonkeyPatch, limit: int) -> Iterator[None]:
+    """Within the block, files that fnlm.files opens for writing hold `limit` bytes in all."""
+    budget = [limit]
+
+    def filling_open(path, mode="r", *args, **kwargs):
+        file = builtins.open(path, mode, *args, **kwargs)
+        return _FillingFile(file, budget) if any(flag in mode for flag in "wax+") else file
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files, "open", filling_open, raising=False)
+        yield
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 256 kB tmpfs mounted at tmp_path/disk (skips unless this process may mount one)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill `disk` with a ballast file until about `leave` bytes are free."""
+    free = shutil.disk_usage(disk).free
+    with open(disk / "ballast", "wb") as file:
+        file.write(b"\0" * max(free - leave, 0))
