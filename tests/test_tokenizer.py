@@ -3,6 +3,7 @@ streaming under a memory limit, the cut points it relies on, and bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import tiktoken
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fnlm.tokenizer import Tokenizer
+from fnlm.tokenizer import Tokenizer, train_bpe
 from fnlm.tokenizer.bpe import Merger
 from fnlm.tokenizer.gpt2 import text_to_token
 from fnlm.tokenizer.pretokenize import GPT2_PATTERN, PRETOKEN, last_cut, pretokenize
@@ -299,7 +300,7 @@ def test_tokenize_cli_writes_a_memory_mappable_array_equal_to_encode(tmp_path, m
     assert cli.main(args) == 0
     ids = np.load(tmp_path / "out.npy", mmap_mode="r")
     assert ids.dtype == np.uint16 and ids.tolist() == gpt2.encode(text)
-    assert not (tmp_path / "out.npy.part").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.txt", "out.npy", "tok"]  # no temporaries
 
 
 def test_token_dtype_widens_past_65536_ids():
@@ -324,3 +325,88 @@ def test_save_and_load_keep_the_special_tokens(tmp_path, gpt2):
     text = f"Hello{EOT}{EOT} world{EOT}"
     assert loaded.encode(text) == tokenizer.encode(text)
     assert Tokenizer.load(tmp_path / "tok", []).special_tokens == []
+
+
+# -- the tokenizer folder's manifest ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small() -> Tokenizer:
+    vocab, merges = train_bpe(FIXTURES / "tinystories_sample.txt", 300, [EOT], num_workers=1)
+    return Tokenizer(vocab, merges, [EOT])
+
+
+def test_save_writes_a_manifest_of_the_files(tmp_path, small):
+    small.save(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["vocab_size"] == 300 and manifest["merges"] == 43
+    data = (tmp_path / "merges.txt").read_bytes()
+    assert manifest["files"]["merges.txt"] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "manifest.json", "merges.txt", "special_tokens.json", "vocab.json"]
+
+
+def test_a_merges_file_cut_at_a_line_boundary_is_detected(tmp_path, small):
+    small.save(tmp_path)
+    lines = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "merges.txt").write_text("".join(lines[:-5]), encoding="utf-8")  # still a valid merges.txt
+    assert len(Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt").merges) == 38
+    with pytest.raises(ValueError, match=r"merges.txt does not match .*manifest.json \(\d+ bytes, expected \d+;"):
+        Tokenizer.load(tmp_path)
+
+
+def test_files_from_another_tokenizer_are_detected(tmp_path, small):
+    small.save(tmp_path / "a")
+    Tokenizer(small.vocab, small.merges[:-1], [EOT, "<pad>"]).save(tmp_path / "b")
+    a_merges = (tmp_path / "a" / "merges.txt").read_bytes()
+    (tmp_path / "a" / "merges.txt").write_bytes((tmp_path / "b" / "merges.txt").read_bytes())
+    (tmp_path / "b" / "merges.txt").write_bytes(a_merges)
+    (tmp_path / "b" / "vocab.json").write_bytes((tmp_path / "a" / "vocab.json").read_bytes())
+    for folder, name in (("a", "merges.txt"), ("b", "vocab.json")):
+        with pytest.raises(ValueError, match=f"{folder}/{name} does not match"):
+            Tokenizer.load(tmp_path / folder)
+
+
+def test_a_folder_without_a_manifest_still_loads(tmp_path, small):
+    small.save(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.vocab == small.vocab and loaded.merges == small.merges and loaded.special_tokens == [EOT]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("special_tokens.json", '["<|endoftext|>"', r"special_tokens.json: not valid JSON \(line 1"),
+    ("special_tokens.json", '{"a": 1}', r"special_tokens.json: expected a JSON list of non-empty strings"),
+    ("manifest.json", '{"format": "fnlm.tok', r"manifest.json: not valid JSON"),
+    ("manifest.json", '{"files": []}', r"manifest.json: not an fnlm.tokenizer/1 manifest"),
+    ("vocab.json", "\udcff", r"vocab.json: not UTF-8 text"),  # in a folder without a manifest
+])
+def test_damaged_folder_files_are_named(tmp_path, small, name, text, message):
+    small.save(tmp_path)
+    if name == "vocab.json":
+        (tmp_path / "manifest.json").unlink()
+    (tmp_path / name).write_bytes(text.encode("utf-8", errors="surrogateescape"))
+    with pytest.raises(ValueError, match=message):
+        Tokenizer.load(tmp_path)
+
+
+def test_a_missing_folder_or_file_is_named(tmp_path, small):
+    with pytest.raises(FileNotFoundError, match="tokenizer folder .*nowhere does not exist"):
+        Tokenizer.load(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="is not a tokenizer folder: it has no vocab.json"):
+        Tokenizer.load(tmp_path)
+    small.save(tmp_path)
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="merges.txt is missing"):
+        Tokenizer.load(tmp_path)
+
+
+def test_save_is_all_or_none_on_a_full_disk(tmp_path, small, monkeypatch):
+    from tests.full_disk import disk_full_after
+
+    old = Tokenizer(small.vocab, small.merges[:10], [EOT])
+    old.save(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with disk_full_after(monkeypatch, 4000), pytest.raises(OSError, match=f"no space left writing {tmp_path}/"):
+        small.save(tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert Tokenizer.load(tmp_path).merges == old.merges
