@@ -81,6 +81,8 @@ class ModelConfig:
 
 
 AUTOCAST_DTYPES = ("none", "bfloat16")  # float16 would need loss scaling
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,11 @@ class TrainConfig:
     """Optimization, data and run settings of `fnlm train` (everything but the model).
 
     The learning rate follows the handout's cosine schedule: linear warm-up from 0 over
-    warmup_steps, cosine decay from lr to min_lr until cosine_steps (default: steps), then min_lr.
+    warmup_steps, cosine decay from lr to min_lr until cosine_steps (default: steps), then min_lr;
+    schedule "wsd" holds lr after the warm-up and decays linearly to min_lr over the last
+    decay_fraction of those steps instead. optimizer "muon" trains the hidden matrices with Muon
+    at muon_lr (its schedule the same shape, scaled by muon_lr / lr) and the embeddings, LM head
+    and norm gains with AdamW at lr (fnlm.optim.muon_adamw).
     Parameters and optimizer state stay float32; `autocast` only lowers the forward's matmuls.
     """
 
@@ -106,6 +112,11 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.1
     max_grad_norm: float | None = 1.0  # None: no clipping
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.01  # Muon's peak rate; its update RMS matches AdamW's, so rates are alike
+    muon_momentum: float = 0.95
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: the share of the steps spent cooling down
     seed: int = 0  # parameter init and batch sampling
     log_every: int = 10
     eval_every: int = 250  # 0: never
@@ -133,11 +144,16 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.{end} ({self.decay_steps}) must be >= warmup_steps ({self.warmup_steps})"
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"TrainConfig.autocast must be one of {AUTOCAST_DTYPES}, got {self.autocast!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"TrainConfig.compile must be a bool, got {self.compile!r}")
-        for name in ("lr", "min_lr", "beta1", "beta2", "adam_eps", "weight_decay", "max_grad_norm"):
+        for name in ("lr", "min_lr", "beta1", "beta2", "adam_eps", "weight_decay", "max_grad_norm", "muon_lr",
+                     "muon_momentum", "decay_fraction"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}")
