@@ -33,7 +33,9 @@ from .optim import (
     adamw,
     apply_updates,
     find_state,
+    muon_adamw,
     warmup_cosine_schedule,
+    warmup_stable_decay_schedule,
 )
 from .tree import PyTree, global_norm, tree_leaves
 
@@ -65,25 +67,40 @@ def make_loss_fn(cfg: ModelConfig, *, autocast_dtype: torch.dtype | None = None,
 
 
 SCHEDULE_HPARAMS = ("lr", "min_lr", "warmup_steps", "cosine_steps")
-TENSOR_HPARAMS = SCHEDULE_HPARAMS + ("weight_decay", "max_grad_norm")  # what a sweep may vary per run
+TENSOR_HPARAMS = SCHEDULE_HPARAMS + ("weight_decay", "max_grad_norm", "muon_lr")  # what a sweep may vary per run
 
 
 def make_schedule(cfg: TrainConfig, **hparams: Tensor) -> Schedule:
-    """The learning-rate schedule `cfg` describes (warm-up, then cosine from lr to min_lr).
+    """The learning-rate schedule `cfg` describes (warm-up, then cosine or warmup-stable-decay
+    from lr to min_lr); with optimizer "muon", the AdamW side's.
 
     hparams replace cfg's lr, min_lr, warmup_steps or cosine_steps with 0-d tensors: a sweep's
     per-run values, batched by vmap inside the step (fnlm.sweep); the other TENSOR_HPARAMS are
     accepted and left to make_optimizer.
     """
     values = _hparams(cfg, hparams, SCHEDULE_HPARAMS)
-    return warmup_cosine_schedule(values["lr"], values["min_lr"], values["warmup_steps"], values["cosine_steps"])
+    return _schedule(cfg, values["lr"], values["min_lr"], values["warmup_steps"], values["cosine_steps"])
+
+
+def _schedule(cfg: TrainConfig, peak, floor, warmup_steps, end_steps) -> Schedule:
+    if cfg.schedule == "wsd":
+        return warmup_stable_decay_schedule(peak, floor, warmup_steps, end_steps, cfg.decay_fraction)
+    return warmup_cosine_schedule(peak, floor, warmup_steps, end_steps)
 
 
 def make_optimizer(cfg: TrainConfig, **hparams: Tensor) -> GradientTransformation:
     """The one optimizer of a run: global-norm clipping, AdamW and make_schedule's learning rate
-    as one chain. hparams replace any of TENSOR_HPARAMS with 0-d tensors (see make_schedule)."""
+    as one chain; with optimizer "muon", Muon at muon_lr (the same schedule shape, min_lr scaled
+    alike) for the hidden matrices beside that AdamW (fnlm.optim.muon_adamw). hparams replace
+    any of TENSOR_HPARAMS with 0-d tensors (see make_schedule)."""
     values = _hparams(cfg, hparams, TENSOR_HPARAMS)
-    return adamw(make_schedule(cfg, **hparams), cfg.beta1, cfg.beta2, cfg.adam_eps, values["weight_decay"],
+    schedule = make_schedule(cfg, **hparams)
+    if cfg.optimizer == "muon":
+        muon_floor = values["min_lr"] * values["muon_lr"] / values["lr"]  # lr > 0: make_schedule checked it
+        muon_schedule = _schedule(cfg, values["muon_lr"], muon_floor, values["warmup_steps"], values["cosine_steps"])
+        return muon_adamw(muon_schedule, schedule, momentum=cfg.muon_momentum, b1=cfg.beta1, b2=cfg.beta2,
+                          eps=cfg.adam_eps, weight_decay=values["weight_decay"], max_grad_norm=values["max_grad_norm"])
+    return adamw(schedule, cfg.beta1, cfg.beta2, cfg.adam_eps, values["weight_decay"],
                  max_grad_norm=values["max_grad_norm"])
 
 

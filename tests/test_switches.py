@@ -154,3 +154,71 @@ def test_switches_round_trip_through_the_config_dict():
     cfg = dataclasses.replace(BASE, **SWITCHES)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert set(flatten(lm_spec(cfg))) == set(flatten(init_params(cfg)))
+
+
+# --- the optimizer and schedule switches of TrainConfig ------------------------------------------
+
+
+def test_train_config_muon_is_muon_adamw_with_the_schedule_scaled_to_muon_lr():
+    from fnlm.config import TrainConfig
+    from fnlm.optim import ScaleByMuonState, find_state, schedule_value, warmup_stable_decay_schedule
+    from fnlm.train import make_optimizer, make_schedule
+
+    cfg = TrainConfig(optimizer="muon", lr=2e-3, min_lr=2e-4, muon_lr=0.02, schedule="wsd", decay_fraction=0.5,
+                      warmup_steps=2, steps=10)
+    assert [schedule_value(make_schedule(cfg), t) for t in (1, 5, 10)] == pytest.approx([1e-3, 2e-3, 2e-4])
+    params = double_params(BASE)
+    grads = tree_map(torch.ones_like, params)
+    optimizer = make_optimizer(cfg)
+    state = optimizer.init(params)
+    assert find_state(state, ScaleByMuonState) is not None
+    wsd = lambda peak: warmup_stable_decay_schedule(peak, peak / 10, 2, 10, 0.5)  # noqa: E731
+    expected = muon_adamw(wsd(0.02), wsd(2e-3), b1=0.9, b2=0.95, weight_decay=0.1, max_grad_norm=1.0)
+    for _ in range(3):
+        updates, state = optimizer.update(grads, state, params)
+        want, expected_state = expected.update(grads, expected.init(params) if _ == 0 else expected_state, params)
+        for (key, got), other in zip(flatten(updates).items(), flatten(want).values()):
+            torch.testing.assert_close(got, other, msg=key)
+
+
+def test_train_config_rejects_unknown_optimizers_and_schedules():
+    from fnlm.config import TrainConfig
+
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="muon_lr"):
+        TrainConfig(muon_lr="fast")
+
+
+def test_a_muon_sweep_varies_muon_lr_per_run_under_vmap():
+    from fnlm.config import TrainConfig
+    from fnlm.sweep import make_sweep_step, stack
+    from fnlm.train import make_optimizer
+
+    cfg = dataclasses.replace(BASE, **SWITCHES)
+    train_cfg = TrainConfig(optimizer="muon", warmup_steps=0, steps=4)
+    lrs = [1e-3, 0.05]
+    params = stack([init_params(cfg)] * 2)
+    state = stack([make_optimizer(dataclasses.replace(train_cfg, muon_lr=lr)).init(init_params(cfg)) for lr in lrs])
+    step = make_sweep_step(cfg, train_cfg)
+    x = tokens(batch=2, length=13)
+    new_params, _, metrics = step(params, state, {"muon_lr": torch.tensor(lrs)}, torch.ones(2, dtype=torch.bool),
+                                  x[:, :-1], x[:, 1:])
+    assert metrics.alive.all()
+    moved = flatten(new_params)["layers.0.attn.q_proj.weight"] - flatten(params)["layers.0.attn.q_proj.weight"]
+    # the first step's size is muon_lr times an orthogonal-ish update (plus a tiny decay): ~50 times apart
+    assert 20 < moved[1].abs().max() / moved[0].abs().max() < 80
+
+
+def test_the_leaderboard_config_file_is_a_valid_fnlm_train_config():
+    import tomllib
+    from pathlib import Path
+
+    from fnlm.config import TrainConfig
+
+    config = tomllib.loads((Path(__file__).parents[1] / "scripts/configs/leaderboard.toml").read_text())
+    model, train = ModelConfig.from_dict(config["model"]), TrainConfig.from_dict(config["train"])
+    assert (model.tie_embeddings, model.qk_norm, model.ffn_type, train.optimizer, train.schedule) == (
+        True, True, "relu2", "muon", "wsd")
