@@ -40,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eos", default="<|endoftext|>", metavar="TOKEN",
                         help="special token that ends a sample (default <|endoftext|>; '' for none)")
     parser.add_argument("--device", default="cpu", metavar="DEVICE", help="torch device (default cpu)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode over a static KV cache with a torch.compile'd step replayed as a CUDA graph "
+                             "(default: on for CUDA devices, where the first sample compiles for a while; "
+                             "--no-compile: the dynamic KV cache)")
     parser.set_defaults(run=run_generate)
 
 
@@ -48,7 +52,7 @@ def run_generate(args: argparse.Namespace) -> int:
         generate_samples(
             args.checkpoint, args.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, num_samples=args.num_samples,
-            eos=args.eos, device=args.device, out=sys.stdout, notes=sys.stderr,
+            eos=args.eos, device=args.device, compile=args.compile, out=sys.stdout, notes=sys.stderr,
         )
     except KeyboardInterrupt:  # stopping a long sample early is normal use: end its line
         print(file=sys.stdout)
@@ -59,13 +63,14 @@ def run_generate(args: argparse.Namespace) -> int:
 def generate_samples(
     checkpoint_path: str | os.PathLike, tokenizer_dir: str | os.PathLike, prompt: str, *,
     max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
-    eos: str = "<|endoftext|>", device: str = "cpu", out: TextIO, notes: TextIO,
+    eos: str = "<|endoftext|>", device: str = "cpu", compile: bool | None = None, out: TextIO, notes: TextIO,
 ) -> None:
     """Write num_samples completions of `prompt` to `out` as they are sampled, notes to `notes`.
 
     checkpoint_path: a file fnlm train wrote; tokenizer_dir: a folder Tokenizer.save wrote; eos:
     a special token (or a single token) of that tokenizer that ends a sample, '' for none.
-    Sample i uses a generator seeded with seed + i. ValueError/OSError name the argument at fault.
+    Sample i uses a generator seeded with seed + i. compile: fnlm.decode.generate's (None: on for
+    CUDA devices). ValueError/OSError name the argument at fault.
     """
     import torch
 
@@ -98,6 +103,10 @@ def generate_samples(
             f"{cfg.vocab_size}: is it the tokenizer this checkpoint was trained with?"
         )
     eos_id = tokenizer.encode(eos)[0] if eos else None
+    if compile is None:
+        compile = torch.device(device).type == "cuda"
+    if compile:
+        print("note: compiling the decode step (torch.compile, once per process and setting)", file=notes)
 
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
@@ -117,7 +126,7 @@ def generate_samples(
         steps = generate_steps(
             ckpt.params, cfg, [prompt_ids], max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, eos_id=eos_id,
-            generator=[torch.Generator().manual_seed(seed + sample)], truncate_prompt=True,
+            generator=[torch.Generator().manual_seed(seed + sample)], compile=compile, truncate_prompt=True,
         )
         out.write(prompt)
         for piece in stream_text(tokenizer, (step[0] for step in steps if step[0] not in (None, eos_id))):
