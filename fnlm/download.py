@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from email.message import Message
 from pathlib import Path
 
-from .files import atomic_write, read_json
+from .files import atomic_write, naming_write_errors, read_json
 from .progress import Progress
 
 BASE_URL_ENV = "FNLM_DATA_BASE_URL"
@@ -137,6 +137,8 @@ def fetch_dataset(
     unknown = sorted(set(splits) - dataset.splits.keys())
     if unknown:
         raise ValueError(f"unknown split(s) {unknown} of {name}; known: {sorted(dataset.splits)}")
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
     base = base_url or os.environ.get(BASE_URL_ENV) or dataset.base_url
     options = dict(retries=retries, retry_delay=retry_delay, verbose=verbose)
     return [fetch_file(dataset.splits[split], dest, base_url=base, **options) for split in splits]
@@ -258,7 +260,7 @@ def receive(
     hasher = hash_prefix(part, start)
     size = start
     label = f"download {part.name.removesuffix('.part')}" + (f" (resumed at {start} B)" if start else "")
-    with open(part, "r+b" if start else "wb") as out, Progress(
+    with naming_write_errors(part), open(part, "r+b" if start else "wb") as out, Progress(
         label, total=None if total is None else total - start, unit="B", enabled=verbose
     ) as bar:
         out.truncate(start)
@@ -331,7 +333,8 @@ def gunzip(source: Path, target: Path, *, verbose: bool) -> Digest:
     hasher, size = hashlib.sha256(), 0
     bar = Progress(f"gunzip {source.name}", total=source.stat().st_size, unit="B", enabled=verbose)
     try:
-        with open(source, "rb") as raw, gzip.GzipFile(fileobj=raw) as unzipped, open(target, "wb") as out, bar:
+        with (open(source, "rb") as raw, gzip.GzipFile(fileobj=raw) as unzipped,
+              naming_write_errors(target), open(target, "wb") as out, bar):
             while chunk := unzipped.read(CHUNK):
                 out.write(chunk)
                 hasher.update(chunk)
@@ -344,6 +347,9 @@ def gunzip(source: Path, target: Path, *, verbose: bool) -> Digest:
         raise ChecksumError(
             f"{source} is not a complete gzip file ({error}); delete it and run again"
         ) from None
+    except BaseException:  # a full disk, Ctrl-C: the .gz stays, its half-unpacked copy goes
+        target.unlink(missing_ok=True)
+        raise
     return Digest(size, hasher.hexdigest())
 
 

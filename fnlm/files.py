@@ -30,7 +30,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
     try:
-        with _naming_write_errors(path):
+        with naming_write_errors(path):
             with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as file:
                 yield file
                 file.flush()
@@ -53,7 +53,7 @@ def write_files(directory: str | os.PathLike, contents: Mapping[str, str | bytes
     temporaries = {name: _temporary(directory / name) for name in contents}
     try:
         for name, data in contents.items():
-            with _naming_write_errors(directory / name), open(temporaries[name], "wb") as file:
+            with naming_write_errors(directory / name), open(temporaries[name], "wb") as file:
                 file.write(data.encode("utf-8") if isinstance(data, str) else data)
                 file.flush()
                 os.fsync(file.fileno())
@@ -88,7 +88,7 @@ def write_error(path: str | os.PathLike, error: OSError) -> OSError:
 
 
 @contextlib.contextmanager
-def _naming_write_errors(path: Path) -> Iterator[None]:
+def naming_write_errors(path: Path) -> Iterator[None]:
     """Re-raise a full disk in the block, or any OSError that a library wrapped in another error
     (torch.save wraps a failed write in "RuntimeError: unexpected pos"), as write_error(path)."""
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fnlm import files
+from fnlm import download, files
 
 
 class _FillingFile:
@@ -42,7 +42,8 @@ class _FillingFile:
 
 @contextlib.contextmanager
 def disk_full_after(monkeypatch: pytest.MonkeyPatch, limit: int) -> Iterator[None]:
-    """Within the block, files that fnlm.files opens for writing hold `limit` bytes in all."""
+    """Within the block, the files that fnlm.files and fnlm.download open for writing hold
+    `limit` bytes in all; then a write fails with ENOSPC, as on a full disk."""
     budget = [limit]
 
     def filling_open(path, mode="r", *args, **kwargs):
@@ -50,7 +51,8 @@ def disk_full_after(monkeypatch: pytest.MonkeyPatch, limit: int) -> Iterator[Non
         return _FillingFile(file, budget) if any(flag in mode for flag in "wax+") else file
 
     with monkeypatch.context() as patch:
-        patch.setattr(files, "open", filling_open, raising=False)
+        for module in (files, download):
+            patch.setattr(module, "open", filling_open, raising=False)
         yield
 
 

@@ -94,6 +94,15 @@ def test_ctrl_c_exits_130(capsys, monkeypatch):
     assert code == 130 and err == "fnlm tokenize: interrupted\n"
 
 
+def test_a_closed_output_pipe_is_quiet(capsys, monkeypatch):
+    def reader_left(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli.tokenizer, "run_tokenize", reader_left)
+    code, _, err = run(capsys, "tokenize", "--tokenizer", "t", "in", "out")
+    assert code == 141 and err == ""
+
+
 def test_library_warnings_are_one_line(capsys, monkeypatch):
     import warnings
 

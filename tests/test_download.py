@@ -22,6 +22,7 @@ from fnlm.download import (
     fetch_dataset,
     fetch_file,
 )
+from tests.full_disk import disk_full_after
 
 TRAIN = bytes(range(256)) * 40  # 10,240 bytes: several reads, and a cut lands mid-file
 VALID = b"Once upon a time there was a tiny valid split.\n<|endoftext|>\n" * 10
@@ -237,6 +238,17 @@ def test_fewer_bytes_than_announced_is_never_accepted(server, tmp_path):
     with pytest.raises(Interrupted, match=f"connection closed after {len(TRAIN) - 1} of {len(TRAIN)} bytes"):
         fetch(server, tmp_path)
     assert not (tmp_path / "TinyStoriesV2-GPT4-train.txt").exists()
+
+
+def test_a_full_disk_names_the_part_keeps_it_and_a_rerun_finishes(server, tmp_path, monkeypatch):
+    server.cuts = [4000]
+    with pytest.raises(Interrupted):
+        fetch(server, tmp_path)
+    with disk_full_after(monkeypatch, 0), pytest.raises(OSError, match="no space left writing .*train.txt.part$"):
+        fetch(server, tmp_path)
+    assert (tmp_path / "TinyStoriesV2-GPT4-train.txt.part").stat().st_size == 4000
+    assert fetch(server, tmp_path).read_bytes() == TRAIN
+    assert [entry["range"] for entry in server.log] == [None, "bytes=4000-", "bytes=4000-"]
 
 
 def test_corrupt_bytes_are_rejected_and_not_kept(server, tmp_path):

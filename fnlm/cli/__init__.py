@@ -4,8 +4,8 @@ parsers and sets `run(args) -> int`; the library below never sees an argparse Na
 One error policy for every command (`main`): the library raises ValueError for a bad value or a
 bad file and OSError for a file it cannot read or write, each naming the flag, file or value at
 fault; those print one line `fnlm COMMAND: error: MESSAGE` and exit 1. Library warnings print
-one line `fnlm COMMAND: warning: MESSAGE`. Ctrl-C exits 130. Any other exception is a bug and
-keeps its traceback.
+one line `fnlm COMMAND: warning: MESSAGE`. Ctrl-C exits 130; a closed output pipe exits 141
+quietly. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ COMMANDS = (demo, tokenizer, train, export, generate, data)  # in the order `fnl
 DEBUG_ENV = "FNLM_DEBUG"
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
+EXIT_BROKEN_PIPE = 141  # and for SIGPIPE
 
 EPILOG = (
     "An ordinary mistake (a missing file, a bad value) prints one line naming it and exits 1; "
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{args.command}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except BrokenPipeError:  # the reader left (`fnlm generate ... | head`): stop quietly, as cat does
+            _detach_stdout()
+            return EXIT_BROKEN_PIPE
         except (ValueError, OSError) as error:
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
@@ -71,6 +75,14 @@ def error_message(error: ValueError | OSError) -> str:
         names = [os.fsdecode(name) for name in (error.filename, error.filename2) if name is not None]
         return ": ".join([error.strerror, " -> ".join(names)] if names else [error.strerror])
     return str(error)
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail on the closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (a test's capture)
+        pass
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
