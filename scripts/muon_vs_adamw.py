@@ -70,8 +70,11 @@ def main() -> None:
     parser.add_argument("--leaderboard", type=Path, help="a `fnlm train --config` TOML to time")
     parser.add_argument("--leaderboard-steps", type=int, default=10, help="timed steps per optimizer")
     parser.add_argument("--leaderboard-seconds", type=float, default=30.0, help="length of the stand-in run")
+    parser.add_argument("--deadline-seconds", type=float, default=math.inf,
+                        help="shorten the stand-in run so that the script ends by then (from its start)")
     args = parser.parse_args()
 
+    args.started = time.perf_counter()
     device = torch.device(args.device)
     amp = None if args.autocast == "none" else torch.bfloat16
     train_tokens = torch.from_numpy(np.load(args.train).astype(np.int64)).to(device)
@@ -236,7 +239,9 @@ def leaderboard(args, train_tokens, val_tokens, device, amp):
 
     # A short run with the config's own optimizer, its schedule compressed to what the seconds allow.
     tokens_per_s = throughput[train_cfg.optimizer]["tokens_per_s"]
-    run_steps = max(10, int(args.leaderboard_seconds * tokens_per_s / (batch * cfg.context_length)))
+    seconds_left = args.deadline_seconds - (time.perf_counter() - args.started) - 15  # 15 s: validation, writing
+    run_seconds = max(0.0, min(args.leaderboard_seconds, seconds_left))
+    run_steps = max(10, int(run_seconds * tokens_per_s / (batch * cfg.context_length)))
     short_cfg = dataclasses.replace(train_cfg, steps=run_steps, cosine_steps=None,
                                     warmup_steps=min(train_cfg.warmup_steps, run_steps // 10))
     params = init_params(cfg, seed=args.seed, device=device)
