@@ -357,7 +357,7 @@ def verify_existing(final: Path, remote: RemoteFile, url: str, *, verbose: bool)
     """Check a final file against its record; give a hand-copied file (no record) one."""
     record_path = record_file(final)
     if record_path.exists():
-        record = Record(**json.loads(record_path.read_text()))
+        record = read_record(record_path)
         check_digest(
             hash_file(final, verbose=verbose), RemoteFile(final.name, record.size, record.sha256),
             what=f"{final} (against {record_path}; delete both to download again)",
@@ -420,6 +420,16 @@ def hash_prefix(path: Path, length: int, bar: Progress | None = None) -> hashlib
 def write_record(final: Path, record: Record) -> None:
     with atomic_write(record_file(final), "w") as file:
         file.write(json.dumps(asdict(record), indent=2) + "\n")
+
+
+def read_record(path: Path) -> Record:
+    """NAME.sha256.json; ValueError naming it if it is damaged (delete it, and the file, to start over)."""
+    values = read_json(path)
+    fields = set(Record.__dataclass_fields__)
+    if not isinstance(values, dict) or set(values) != fields:
+        raise ValueError(f"{path}: not a download record (expected the keys {sorted(fields)}); "
+                         "delete it and the file it describes to download again")
+    return Record(**values)
 
 
 def read_part_state(part: Path) -> dict | None:

@@ -84,20 +84,21 @@ def write_error(path: str | os.PathLike, error: OSError) -> OSError:
     if error.errno in _FULL:
         what = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded"}.get(error.errno, "file too large")
         return OSError(error.errno, f"{what} writing {path}")
-    return OSError(error.errno, f"cannot write {path}: {error.strerror or error}")
+    return OSError(error.errno or errno.EIO, f"cannot write {path}: {error.strerror or error}")
 
 
 @contextlib.contextmanager
 def naming_write_errors(path: Path) -> Iterator[None]:
-    """Re-raise a full disk in the block, or any OSError that a library wrapped in another error
-    (torch.save wraps a failed write in "RuntimeError: unexpected pos"), as write_error(path)."""
+    """Re-raise a full disk in the block, or an OSError that a library wrapped in a RuntimeError
+    (torch.save reports a failed write as "unexpected pos N vs M"), as write_error(path). Other
+    errors pass unchanged: an OSError of a file the block reads already names that file."""
     try:
         yield
     except OSError as error:
         if error.errno not in _FULL:
             raise  # e.g. an input file the block reads: its own message names it
         raise write_error(path, error) from error
-    except Exception as error:
+    except RuntimeError as error:
         cause = _os_error_in(error)
         if cause is None:
             raise

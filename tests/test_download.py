@@ -283,6 +283,15 @@ def test_reruns_verify_against_the_record_without_downloading(server, tmp_path):
         fetch(server, tmp_path)
 
 
+def test_a_damaged_record_is_named(server, tmp_path):
+    path = fetch(server, tmp_path)
+    record_path = path.with_name(path.name + ".sha256.json")
+    for text, message in (('{"name": "x", "si', "not valid JSON"), ('{"name": "x"}', "not a download record")):
+        record_path.write_text(text)
+        with pytest.raises(ValueError, match=f"{record_path}: {message}"):
+            fetch(server, tmp_path)
+
+
 def test_a_file_copied_in_by_hand_is_checked_and_recorded(server, tmp_path):
     (tmp_path / "TinyStoriesV2-GPT4-valid.txt").write_bytes(VALID)
     fetch(server, tmp_path, RemoteFile("TinyStoriesV2-GPT4-valid.txt", len(VALID), sha256(VALID)))
