@@ -1,8 +1,8 @@
 """Hugging Face interop: fnlm's Transformer LM as a transformers `LlamaForCausalLM`, and back.
 
-fnlm's default model is Llama's architecture (pre-norm RMSNorm, RoPE, SwiGLU, untied head,
-no biases), so a checkpoint maps onto LlamaForCausalLM's state dict name for name, with one
-change: fnlm's RoPE rotates interleaved pairs (x[2i], x[2i+1]) and Llama's rotates halves
+fnlm's default model is Llama's architecture (pre-norm RMSNorm, RoPE, SwiGLU, no biases; the
+head tied to the embeddings or not), so a checkpoint maps onto LlamaForCausalLM's state dict name
+for name, with one change: fnlm's RoPE rotates interleaved pairs (x[2i], x[2i+1]) and Llama's rotates halves
 (x[i], x[i + Dh/2]), so the rows of q_proj and k_proj are permuted within each head.
 
     hf_config(cfg) -> dict                      # config.json of a LlamaForCausalLM
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
+from .files import read_json
 from .model import lm_spec
 from .tree import PyTree, flatten, tree_leaves, unflatten
 
@@ -63,18 +64,21 @@ IGNORED_HF_NAMES = ("rotary_emb.inv_freq",)  # a buffer some older exports saved
 # ModelConfig fields and the values LlamaForCausalLM can express. A field missing here (a switch
 # added after this table) is accepted only at its default, so a new ablation is refused by name
 # until someone maps it.
-SIZES = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta", "eps")
+SIZES = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta", "eps",
+         "tie_embeddings")  # tie_word_embeddings in Llama's config
 LLAMA_SWITCHES = {
     "remove_rmsnorm": (False, "Llama normalizes with RMSNorm"),
     "use_post_norm": (False, "Llama is pre-norm"),
     "remove_rope": (False, "Llama encodes positions with RoPE"),
     "ffn_type": ("swiglu", "Llama's MLP is SwiGLU"),
+    "qk_norm": (False, "Llama does not normalize queries and keys"),
+    "logit_soft_cap": (None, "Llama's logits are not capped"),
 }
 
 
 def check_llama_compatible(cfg: ModelConfig) -> None:
     """ValueError naming the first ModelConfig switch that LlamaForCausalLM cannot express."""
-    defaults = ModelConfig(**{name: getattr(cfg, name) for name in SIZES})
+    defaults = ModelConfig(**{name: getattr(cfg, name) for name in SIZES if hasattr(cfg, name)})
     for name, value in cfg.to_dict().items():
         if name in SIZES:
             continue
@@ -107,7 +111,7 @@ def hf_config(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token_id
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
@@ -117,7 +121,7 @@ def hf_config(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token_id
 
 def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
     """The ModelConfig of a Llama config.json's dict; ValueError naming what fnlm cannot compute
-    (grouped-query attention, tied embeddings, biases, RoPE scaling, another activation, ...)."""
+    (grouped-query attention, biases, RoPE scaling, another activation, ...)."""
     architectures = config.get("architectures") or []
     if config.get("model_type") != "llama" or (architectures and "LlamaForCausalLM" not in architectures):
         raise ValueError(f"model_type={config.get('model_type')!r}, architectures={architectures!r}: "
@@ -134,8 +138,6 @@ def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
                                 "grouped-query attention: fnlm gives every query head its own keys and values"),
         "head_dim": (config.get("head_dim") or config["hidden_size"] // heads, config["hidden_size"] // heads,
                      "fnlm's head dim is hidden_size / num_attention_heads"),
-        "tie_word_embeddings": (bool(config.get("tie_word_embeddings", False)), False,
-                                "fnlm's output projection is its own matrix"),
         "attention_bias": (bool(config.get("attention_bias", False)), False, "fnlm's projections have no bias"),
         "mlp_bias": (bool(config.get("mlp_bias", False)), False, "fnlm's projections have no bias"),
         "hidden_act": (config.get("hidden_act", "silu"), "silu", "fnlm's SwiGLU gates with SiLU"),
@@ -148,6 +150,7 @@ def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
         **{ours: config[theirs] for theirs, ours in sizes.items()},
         rope_theta=_rope_theta(config),
         eps=config.get("rms_norm_eps", 1e-6),  # LlamaConfig's default
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
 
 
@@ -189,6 +192,8 @@ def to_hf_state_dict(params: PyTree, cfg: ModelConfig) -> dict[str, Tensor]:
         if name.endswith(ROTATED):
             leaf = interleaved_to_halves(leaf, cfg.num_heads)
         state[hf_name] = leaf.detach().clone().contiguous()
+    if cfg.tie_embeddings:  # transformers' state dict lists the tied matrix under both names
+        state[NAMES["lm_head.weight"]] = state[NAMES["token_embeddings.weight"]]
     return state
 
 
@@ -198,6 +203,11 @@ def from_hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> PyTree:
     check_llama_compatible(cfg)
     expected = {name: leaf.shape for name, leaf in flatten(lm_spec(cfg)).items()}
     by_hf_name = {_rename(name, NAMES): name for name in expected}
+    if cfg.tie_embeddings and NAMES["lm_head.weight"] in state:  # saved files usually omit the tied copy
+        state = dict(state)
+        head, embeddings = state.pop(NAMES["lm_head.weight"]), state.get(NAMES["token_embeddings.weight"])
+        if embeddings is not None and not torch.equal(head, embeddings):
+            raise ValueError("tie_word_embeddings is true, but lm_head.weight differs from model.embed_tokens.weight")
     unexpected = sorted(set(state) - set(by_hf_name) - {n for n in state if n.endswith(IGNORED_HF_NAMES)})
     if unexpected:
         raise ValueError(f"tensor(s) {_short(unexpected)} have no place in fnlm's model "
@@ -266,7 +276,10 @@ def export_hf(checkpoint: str | os.PathLike, directory: str | os.PathLike,
         "tokenizer_config.json": tokenizer_config(tokenizer, model_max_length=cfg.context_length),
     }
     with _staging(directory) as staging:
-        save_file(to_hf_state_dict(ckpt.params, cfg), staging / MODEL_FILE, metadata={"format": "pt"})
+        state = to_hf_state_dict(ckpt.params, cfg)
+        if cfg.tie_embeddings:  # one copy on disk, as transformers' save_pretrained writes it
+            del state[NAMES["lm_head.weight"]]
+        save_file(state, staging / MODEL_FILE, metadata={"format": "pt"})
         for name, content in files.items():
             (staging / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return directory
@@ -274,7 +287,9 @@ def export_hf(checkpoint: str | os.PathLike, directory: str | os.PathLike,
 
 def import_hf(directory: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0) -> Path:
     """Read a LlamaForCausalLM folder (config.json, *.safetensors, tokenizer.json) into an fnlm
-    run directory `out`, ready for `fnlm generate` and for fine-tuning with `fnlm train --resume`:
+    run directory `out`, ready for `fnlm generate` and, once the "train" table of its config.json
+    names the data and the schedule, for fine-tuning with `fnlm train --out OUT --resume` (the
+    checkpoint records no training config, so any schedule is accepted at step 0):
 
         out/config.json                    {"model": ModelConfig, "train": TrainConfig defaults}
         out/checkpoints/step_0000000.pt    the weights at step 0, a fresh optimizer state
@@ -284,7 +299,7 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, *, seed: int
     from .checkpoint import save_checkpoint
     from .config import TrainConfig
     from .hf_tokenizer import tokenizer_from_json
-    from .loop import CHECKPOINTS, save_run_config
+    from .run.folder import CHECKPOINTS, save_run_config
     from .train import make_optimizer
 
     directory, out = Path(directory), Path(out)
@@ -297,8 +312,8 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, *, seed: int
     if max(tokenizer.vocab) >= cfg.vocab_size:
         raise ValueError(f"{directory / 'tokenizer.json'} has ids up to {max(tokenizer.vocab)}, "
                          f"beyond the model's vocab_size {cfg.vocab_size}")
-    state = read_safetensors(directory)
-    dtype = {leaf.dtype for leaf in state.values()}
+    # fnlm trains float32 parameters (autocast lowers the matmuls); upcasting bf16/fp16 is exact.
+    state = {name: leaf.float() for name, leaf in read_safetensors(directory).items()}
     try:
         params = from_hf_state_dict(state, cfg)
     except ValueError as error:
@@ -311,8 +326,7 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, *, seed: int
         tokenizer.save(staging / "tokenizer")
         save_checkpoint(staging / CHECKPOINTS / "step_0000000.pt", model_config=cfg, params=params, step=0,
                         opt_state=optimizer.init(params), rng=torch.Generator().manual_seed(seed).get_state(),
-                        train_config=train_cfg.to_dict(), extra={"imported_from": str(directory),
-                                                                 "dtype": sorted(map(str, dtype))})
+                        extra={"imported_from": str(directory)})
     return out / CHECKPOINTS / "step_0000000.pt"
 
 
@@ -343,10 +357,7 @@ def _safetensors() -> Any:
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    return read_json(path)
 
 
 def _check_free(directory: Path) -> None:

@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "tokenizer.json) into the run directory OUT: OUT/checkpoints/step_0000000.pt for "
                     "`fnlm generate --checkpoint` (with --tokenizer OUT/tokenizer), and OUT/config.json, "
                     "whose 'train' table you edit before fine-tuning with `fnlm train --out OUT --resume`. "
-                    "Anything fnlm cannot compute alike (grouped-query attention, tied embeddings, biases, "
+                    "Anything fnlm cannot compute alike (grouped-query attention, biases, "
                     "scaled RoPE, another tokenizer) is refused by name.",
     )
     imports.add_argument("model_dir", type=Path, metavar="DIR", help="the Hugging Face model folder")
