@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -157,7 +158,23 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}")
-        # The ranges of the optimizer's numbers are checked where they are used, by fnlm.optim.
+        for field in dataclasses.fields(self):  # every number finite: inf or nan trains to nan
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{field.name} must be finite, got {value!r}")
+        ranges = {
+            "lr": (lambda v: v > 0, "> 0"),
+            "min_lr": (lambda v: 0 <= v <= self.lr, f"in [0, lr={self.lr}]"),
+            "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "adam_eps": (lambda v: v > 0, "> 0 (0 divides by zero where a gradient is 0)"),
+            "weight_decay": (lambda v: v >= 0, ">= 0"),
+            "max_grad_norm": (lambda v: v > 0, "> 0, or None for no clipping"),
+        }
+        for name, (ok, expected) in ranges.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"TrainConfig.{name} must be {expected}, got {value!r}")
 
     @property
     def decay_steps(self) -> int:

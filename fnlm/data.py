@@ -43,17 +43,32 @@ def _check_available(device: torch.device) -> None:
         raise RuntimeError(f"device {str(device)!r} is not available: MPS is not available here")
 
 
-def load_tokens(path: str | Path, *, vocab_size: int | None = None, dtype: str = "uint16") -> np.ndarray:
+def load_tokens(
+    path: str | Path, *, vocab_size: int | None = None, dtype: str = "uint16", context_length: int | None = None
+) -> np.ndarray:
     """Memory-map a token array: a .npy file (its own dtype) or raw binary of `dtype` (e.g. .bin).
 
-    With `vocab_size`, every id is checked once to lie in [0, vocab_size).
+    With `vocab_size`, every id is checked once to lie in [0, vocab_size); with `context_length`,
+    the array must hold at least one window (context_length + 1 tokens). Every problem is an
+    error naming the file: missing (FileNotFoundError), unreadable, or bad content (ValueError).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"token file {str(path)!r} does not exist")
-    tokens = np.load(path, mmap_mode="r") if path.suffix == ".npy" else np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    try:
+        if path.suffix == ".npy":
+            tokens = np.load(path, mmap_mode="r")
+        else:
+            tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    except (ValueError, EOFError, TypeError) as error:  # a foreign or cut .npy, an empty or odd-sized raw file
+        raise ValueError(f"{path}: not a readable token array ({error})") from None
     if tokens.ndim != 1:
         raise ValueError(f"{path}: expected a 1-D token array, got shape {tokens.shape}")
+    if context_length is not None and len(tokens) < context_length + 1:
+        raise ValueError(
+            f"{path}: {len(tokens)} tokens is too short for context_length {context_length}: "
+            f"a window needs context_length + 1 = {context_length + 1} tokens"
+        )
     if vocab_size is not None:
         check_token_ids(tokens, vocab_size, name=str(path))
     return tokens
@@ -62,7 +77,7 @@ def load_tokens(path: str | Path, *, vocab_size: int | None = None, dtype: str =
 def check_token_ids(tokens: np.ndarray, vocab_size: int, *, name: str = "tokens") -> None:
     """Raise a ValueError for an id outside [0, vocab_size); reads the array once, in chunks."""
     if not np.issubdtype(tokens.dtype, np.integer):
-        raise TypeError(f"{name}: token ids must be integers, got dtype {tokens.dtype}")
+        raise ValueError(f"{name}: token ids must be integers, got dtype {tokens.dtype}")
     info = np.iinfo(tokens.dtype)
     if info.min >= 0 and info.max < vocab_size:
         return  # the dtype cannot hold a bad id

@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig, TrainConfig
-from .model import transformer_lm
-from .nn import cross_entropy
+from .model import lm_loss
 from .optim import (
     ClipByGlobalNormState,
     GradientTransformation,
@@ -60,8 +59,7 @@ def make_loss_fn(cfg: ModelConfig, *, autocast_dtype: torch.dtype | None = None,
 
     def loss_fn(params: PyTree, x: Tensor, y: Tensor) -> Tensor:
         with autocast(device_type, autocast_dtype):
-            logits = transformer_lm(params, x, cfg)  # (B, T, V)
-        return cross_entropy(logits, y)  # float32 whatever the logits' dtype
+            return lm_loss(params, x, y, cfg)  # float32; the fused LM head never holds the (B, T, V) logits
 
     return loss_fn
 
@@ -167,17 +165,18 @@ def make_train_step(
 
 
 def evaluate(loss_fn: LossFn, params: PyTree, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
-    """(2,) float32 [sum of per-token losses, number of tokens] over `batches`, on their device.
+    """(2,) float32 [sum of per-token losses, number of tokens] over `batches`, on their device;
+    (K, 2) for a loss vmapped over K stacked runs (a sweep), one row per run.
 
     Sums rather than a mean, so that the shards of a data-parallel evaluation add up; no host
-    sync per batch. `eval_result` turns them into a mean loss and a perplexity.
+    sync per batch. `eval_result` turns a row into a mean loss and a perplexity.
     """
     total, tokens = torch.zeros((), device=tree_leaves(params)[0].device), 0  # a shard may get no batch
     with torch.no_grad():
         for x, y in batches:
             total = total + loss_fn(params, x, y) * y.numel()
             tokens += y.numel()
-    return torch.stack([total, torch.tensor(float(tokens), device=total.device)])
+    return torch.stack([total, torch.full_like(total, float(tokens))], -1)
 
 
 def eval_result(sums: Tensor) -> EvalResult:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fnlm.loop import read_log  # noqa: E402
+from fnlm.run import read_log  # noqa: E402
 
 TINYSTORIES_MODEL = dict(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344)
 BASE_TRAIN = dict(batch_size=32, steps=400, warmup_steps=40, weight_decay=0.1, beta2=0.95, max_grad_norm=1.0,

@@ -98,7 +98,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokens(tmp_path / "missing.npy")
     np.save(tmp_path / "floats.npy", np.zeros(10))
-    with pytest.raises(TypeError, match="must be integers"):
+    with pytest.raises(ValueError, match="must be integers"):
         load_tokens(tmp_path / "floats.npy", vocab_size=10)
     np.save(tmp_path / "matrix.npy", np.zeros((2, 5), dtype=np.int64))
     with pytest.raises(ValueError, match="1-D token array"):

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from fnlm import distributed
 from fnlm.checkpoint import load_checkpoint
 from fnlm.config import ModelConfig, TrainConfig
-from fnlm.loop import train
+from fnlm.run import train
 from fnlm.model import init_params
 from fnlm.optim import adamw
 from fnlm.train import make_train_step

@@ -1,4 +1,4 @@
-"""fnlm.sweep and fnlm.sweep_loop: K runs as one vmapped program equal K separate runs; checkpoints, divergence, resume, CLI."""
+"""fnlm.sweep and fnlm.run's sweeps: K runs as one vmapped program equal K separate runs; checkpoints, divergence, resume, CLI."""
 
 import dataclasses
 import json
@@ -10,10 +10,9 @@ import torch
 from fnlm.checkpoint import load_checkpoint
 from fnlm.cli import main
 from fnlm.config import ModelConfig, TrainConfig
-from fnlm.loop import latest_checkpoint, read_log, train
+from fnlm.run import grid, latest_checkpoint, parse_axis, read_log, run_name, train, train_sweep
 from fnlm.model import init_params
 from fnlm.sweep import make_sweep_step, stack, unstack
-from fnlm.sweep_loop import grid, parse_axis, run_name, train_sweep
 from fnlm.train import make_optimizer, make_train_step
 from fnlm.tree import flatten, tree_leaves, unflatten
 from tests.conftest import cli_error
@@ -138,7 +137,7 @@ def test_sweep_runs_equal_single_runs_and_leave_ordinary_checkpoints(tmp_path, t
     run_dir = tmp_path / "sweep" / "lr=0.01_seed=1"
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
     unflatten(ckpt.opt_state, like=make_optimizer(TrainConfig.from_dict(ckpt.train_config)).init(ckpt.params))
-    assert main(["train", "--out", str(run_dir), "--resume", "--steps", "8", "--no-progress"]) == 0
+    assert main(["train", "--out", str(run_dir), "--resume", "--steps", "8", "--cosine-steps", "6", "--no-progress"]) == 0
     assert load_checkpoint(latest_checkpoint(run_dir)).step == 8
 
 
@@ -203,7 +202,11 @@ def test_fnlm_train_sweep_cli_with_a_joint_axis_then_generate(tmp_path, token_fi
         "lr=0.003_min_lr=0.0003_seed=0", "lr=0.003_min_lr=0.0003_seed=1"]
     assert "would change it" in cli_error(common + ["--resume", "--lr", "0.1"], capsys)
     assert "continues the saved sweep" in cli_error(common + ["--resume", "--sweep", "lr=1e-3"], capsys)
-    assert main(common + ["--resume", "--steps", "4"]) == 0
+    assert "--reschedule" in cli_error(common + ["--resume", "--steps", "4"], capsys)
+    assert main(common + ["--resume", "--steps", "4", "--reschedule"]) == 0  # accepted, and recorded:
+    assert json.loads((out / "sweep.json").read_text())["train"]["steps"] == 4
+    run_log = read_log(out / "lr=0.003_min_lr=0.0003_seed=1" / "log.jsonl")
+    assert {"step": 3, "reschedule": {"decay_steps": [3, 4]}} in run_log
     checkpoint = latest_checkpoint(out / "lr=0.003_min_lr=0.0003_seed=1")
     assert load_checkpoint(checkpoint).step == 4
     assert main(["generate", "--checkpoint", str(checkpoint), "--tokenizer", str(tmp_path / "tok"),

@@ -14,7 +14,7 @@ import torch
 from fnlm.checkpoint import load_checkpoint
 from fnlm.cli import main
 from fnlm.config import ModelConfig, TrainConfig
-from fnlm.loop import latest_checkpoint, read_log, train
+from fnlm.run import latest_checkpoint, read_log, train
 from fnlm.model import init_params
 from fnlm.optim import adamw, apply_updates, warmup_cosine_schedule
 from fnlm.train import eval_result, evaluate, make_loss_fn, make_train_step
@@ -125,8 +125,13 @@ def test_cli_reads_a_toml_config_with_flag_overrides_and_guards_resume(tmp_path,
     assert saved["model"] == TINY.to_dict()
     assert (saved["train"]["batch_size"], saved["train"]["lr"], saved["train"]["max_grad_norm"]) == (2, 1e-3, None)
     assert "would change it: ['--lr']" in cli_error(common + ["--resume", "--lr", "0.1"], capsys)
-    assert main(common + ["--resume", "--steps", "5"]) == 0  # steps is a runtime setting
+    # steps is a runtime setting, but with the default cosine length it would stretch the schedule
+    assert "pass --cosine-steps 3 to keep the schedule, or --reschedule" in cli_error(
+        common + ["--resume", "--steps", "5"], capsys)
+    assert main(common + ["--resume", "--steps", "5", "--cosine-steps", "3"]) == 0
     assert load_checkpoint(latest_checkpoint(run_dir)).step == 5
+    saved = json.loads((run_dir / "config.json").read_text())["train"]
+    assert (saved["steps"], saved["cosine_steps"]) == (5, 3)  # config.json says how the run went on
     main(["export", str(latest_checkpoint(run_dir)), str(tmp_path / "params.npz")])
     assert set(np.load(tmp_path / "params.npz")) == set(flatten(init_params(TINY))) | {"config.json"}
 

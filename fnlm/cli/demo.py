@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from ..config import TrainConfig
     from .generate import generate_samples
-    from ..loop import train
+    from ..run import train
     from ..tokenizer import Tokenizer, train_bpe
     from ..tokenizer.encode_file import encode_file
     from ..run.process import keep_freed_memory
