@@ -1,9 +1,10 @@
 """Hugging Face interop: fnlm's Transformer LM as a transformers `LlamaForCausalLM`, and back.
 
 fnlm's default model is Llama's architecture (pre-norm RMSNorm, RoPE, SwiGLU, no biases; the
-head tied to the embeddings or not), so a checkpoint maps onto LlamaForCausalLM's state dict name
-for name, with one change: fnlm's RoPE rotates interleaved pairs (x[2i], x[2i+1]) and Llama's rotates halves
-(x[i], x[i + Dh/2]), so the rows of q_proj and k_proj are permuted within each head.
+head tied to the embeddings or not), so a checkpoint maps onto LlamaForCausalLM's state dict
+name for name, with one change: fnlm's RoPE rotates interleaved pairs (x[2i], x[2i+1]) and
+Llama's rotates halves (x[i], x[i + Dh/2]), so the rows of q_proj and k_proj are permuted
+within each head (as torchtitan's and transformers' Llama converters do).
 
     hf_config(cfg) -> dict                      # config.json of a LlamaForCausalLM
     to_hf_state_dict(params, cfg) -> {name: Tensor}
@@ -61,11 +62,12 @@ NAMES = {
 ROTATED = ("attn.q_proj.weight", "attn.k_proj.weight")  # the projections RoPE acts on
 IGNORED_HF_NAMES = ("rotary_emb.inv_freq",)  # a buffer some older exports saved; recomputed from rope_theta
 
-# ModelConfig fields and the values LlamaForCausalLM can express. A field missing here (a switch
-# added after this table) is accepted only at its default, so a new ablation is refused by name
-# until someone maps it.
-SIZES = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta", "eps",
-         "tie_embeddings")  # tie_word_embeddings in Llama's config
+# ModelConfig fields: those a Llama config carries whatever their value (tie_embeddings is its
+# tie_word_embeddings), and switches with the one value Llama can express. Any other field (a
+# switch added after this table) is accepted only at its default, so a new ablation is refused
+# by name until someone maps it.
+CARRIED = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta", "eps",
+           "tie_embeddings")
 LLAMA_SWITCHES = {
     "remove_rmsnorm": (False, "Llama normalizes with RMSNorm"),
     "use_post_norm": (False, "Llama is pre-norm"),
@@ -78,9 +80,9 @@ LLAMA_SWITCHES = {
 
 def check_llama_compatible(cfg: ModelConfig) -> None:
     """ValueError naming the first ModelConfig switch that LlamaForCausalLM cannot express."""
-    defaults = ModelConfig(**{name: getattr(cfg, name) for name in SIZES if hasattr(cfg, name)})
+    defaults = ModelConfig(**{name: getattr(cfg, name) for name in CARRIED})
     for name, value in cfg.to_dict().items():
-        if name in SIZES:
+        if name in CARRIED:
             continue
         expected, why = LLAMA_SWITCHES.get(name, (getattr(defaults, name), None))
         if value != expected:
@@ -122,6 +124,8 @@ def hf_config(cfg: ModelConfig, *, bos_token_id: int | None = None, eos_token_id
 def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
     """The ModelConfig of a Llama config.json's dict; ValueError naming what fnlm cannot compute
     (grouped-query attention, biases, RoPE scaling, another activation, ...)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"a config is a JSON object, got {type(config).__name__}")
     architectures = config.get("architectures") or []
     if config.get("model_type") != "llama" or (architectures and "LlamaForCausalLM" not in architectures):
         raise ValueError(f"model_type={config.get('model_type')!r}, architectures={architectures!r}: "
@@ -132,6 +136,9 @@ def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
     missing = [key for key in sizes if key not in config]
     if missing:
         raise ValueError(f"config lacks {missing}")
+    for key in sizes:
+        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] <= 0:
+            raise ValueError(f"config {key} must be a positive integer, got {config[key]!r}")
     heads = config["num_attention_heads"]
     refusals = {
         "num_key_value_heads": (config.get("num_key_value_heads") or heads, heads,
@@ -141,7 +148,6 @@ def model_config_from_hf(config: dict[str, Any]) -> ModelConfig:
         "attention_bias": (bool(config.get("attention_bias", False)), False, "fnlm's projections have no bias"),
         "mlp_bias": (bool(config.get("mlp_bias", False)), False, "fnlm's projections have no bias"),
         "hidden_act": (config.get("hidden_act", "silu"), "silu", "fnlm's SwiGLU gates with SiLU"),
-        "pretraining_tp": (config.get("pretraining_tp") or 1, 1, "a tensor-parallel split of the MLP"),
     }
     for name, (found, expected, why) in refusals.items():
         if found != expected:
@@ -160,7 +166,8 @@ def _rope_theta(config: dict[str, Any]) -> float:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise ValueError(f"config rope_type={rope_type!r} is not supported: fnlm's RoPE is unscaled (rope_type 'default')")
+        raise ValueError(f"config rope_type={rope_type!r} is not supported: "
+                         "fnlm's RoPE is unscaled (rope_type 'default')")
     factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if factor != 1.0:
         raise ValueError(f"config partial_rotary_factor={factor!r} is not supported: fnlm rotates the whole head")

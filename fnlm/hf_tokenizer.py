@@ -9,6 +9,10 @@ the leftmost-longest match wins, as in fnlm); no normalizer; a Split pre-tokeniz
 GPT-2 regex (each match its own piece) followed by ByteLevel without its own regex (bytes ->
 GPT-2's printable characters); a BPE model whose vocabulary is spelled in those characters and
 whose merges are fnlm's, in rank order; a ByteLevel decoder; no post-processor (no BOS).
+
+One limit of tokenizers' ByteLevel decoder: a special token whose characters all lie in GPT-2's
+byte alphabet without being plain ASCII ("<é>") decodes to the wrong text there (its ids are
+right); special tokens in ASCII or with any other character ("<|日本語|>") decode as in fnlm.
 """
 
 from __future__ import annotations
@@ -73,7 +77,8 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def tokenizer_config(tokenizer: Tokenizer, *, model_max_length: int, eos_token: str = "<|endoftext|>") -> dict[str, Any]:
+def tokenizer_config(tokenizer: Tokenizer, *, model_max_length: int,
+                     eos_token: str = "<|endoftext|>") -> dict[str, Any]:
     """tokenizer_config.json for AutoTokenizer: the generic fast tokenizer over tokenizer.json,
     adding no BOS/EOS and cleaning up no spaces (so its ids and text are fnlm's)."""
     config: dict[str, Any] = {
@@ -115,6 +120,9 @@ def tokenizer_from_json(data: Any, *, where: str | os.PathLike = "tokenizer.json
 
     added = data.get("added_tokens") or []
     for token in added:
+        if not (isinstance(token, dict) and type(token.get("id")) is int and isinstance(token.get("content"), str)
+                and token["content"]):
+            raise refuse(f"added token {token!r} is not an object with an integer id and a non-empty content")
         flags = [flag for flag in ("single_word", "lstrip", "rstrip") if token.get(flag)]
         if flags:
             raise refuse(f"added token {token.get('content')!r} sets {flags}, which fnlm's special tokens do not have")

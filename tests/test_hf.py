@@ -29,8 +29,9 @@ from fnlm.tree import flatten, tree_map  # noqa: E402
 from tests.conftest import FIXTURES  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|endoftext|><|endoftext|>", "<|im_start|>", "<|日本語|>", "<a b>"]
-TEXT = ("Once upon a time, a fox said: «Ça va?» — naïve café, 日本語のテキスト, Ελληνικά, русский, "
-        "عربى, 🤖🎉👩‍👩‍👧 and ١٢٣ 4567 numbers.\n\n  Tabs\tand\r\nnewlines   end<|endoftext|>")
+TEXT = ("Once upon a time, a fox said: «Ça va?» — naïve café, 日本語のテキスト, Ελληνικά, "
+        "русский, عربى, 🤖🎉👩‍👩‍👧 and ١٢٣ 4567 numbers.\n\n"
+        "  Tabs\tand\r\nnewlines   end<|endoftext|>")
 CFG = ModelConfig(vocab_size=300, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=48,
                   rope_theta=500.0, eps=1e-6)
 
@@ -161,7 +162,8 @@ def test_unicode_heavy_text_with_specials_inside(gpt2_tokenizer):
 def test_tokenizer_json_round_trip(gpt2_tokenizer, small_tokenizer, name):
     tokenizer = {"gpt2": gpt2_tokenizer, "small": small_tokenizer}[name]
     back = tokenizer_from_json(json.loads(json.dumps(tokenizer_json(tokenizer))))
-    assert (back.vocab, back.merges, back.special_tokens) == (tokenizer.vocab, tokenizer.merges, tokenizer.special_tokens)
+    assert back.vocab == tokenizer.vocab and back.merges == tokenizer.merges
+    assert back.special_tokens == tokenizer.special_tokens
 
 
 def test_gpt2_style_byte_level_tokenizer_json_imports(small_tokenizer):
