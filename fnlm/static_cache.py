@@ -172,10 +172,10 @@ def _decode_in_place(decode_token: Callable, params: PyTree, buffers: _Buffers) 
     step.add_(1)
 
 
-def _replayable(body: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """body as a CUDA graph's replay on a GPU (after one warm-up run on a side stream, which
-    compiles and allocates outside the capture); body itself elsewhere. Runs body once either
-    way: the caller resets what that run wrote."""
+def _run_and_capture(body: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """Run body once, then return what runs it again: on a GPU the replay of a CUDA graph captured
+    after that run (made on a side stream, so that compiling and allocating happen outside the
+    capture); elsewhere body itself."""
     if device.type != "cuda":
         body()
         return body
@@ -221,8 +221,8 @@ def static_steps(
     zeros = torch.zeros(batch, dtype=torch.long, device=device)
     buffers = _Buffers(cache, zeros, zeros[0].clone(), uniforms, zeros.new_zeros(batch, max_new_tokens))
     decode_token = (compiled_decode_token if compile else decode_token_fn)(cfg, temperature, top_p)
-    replay = _replayable(functools.partial(_decode_in_place, decode_token, params, buffers), device)
-    # The warm-up wrote slot 0 and chosen[:, 0], both rewritten before they are read.
+    body = functools.partial(_decode_in_place, decode_token, params, buffers)
+    replay = None  # captured at the first decode step, after the first token is out
 
     running = set(range(batch))
     done, filled = 0, context  # tokens chosen so far; slots filled (the host's copy of cache.slot)
@@ -242,7 +242,10 @@ def static_steps(
         else:
             count = min(TOKENS_PER_SYNC, context - filled, max_new_tokens - done)
             for _ in range(count):
-                replay()
+                if replay is None:
+                    replay = _run_and_capture(body, device)  # its run is this step
+                else:
+                    replay()
             filled += count
         for column in buffers.chosen[:, done:done + count].T.tolist():  # the one host sync
             step: list[int | None] = [None] * batch
