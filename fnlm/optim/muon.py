@@ -33,20 +33,26 @@ NS_EPS = 1e-7  # in X / (|X|_F + eps): a zero gradient gives a zero update, not 
 RMS_MATCH = 0.2  # AdamW's typical update RMS (Moonshot's "Muon is scalable", section 2.2)
 
 
-def newton_schulz(g: Tensor, steps: int = 5, *, coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> Tensor:
+def newton_schulz(
+    g: Tensor, steps: int = 5, *, dtype: torch.dtype | None = None,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+) -> Tensor:
     """g (m, n) -> an approximate polar factor U V^T of g, in g's dtype.
 
     X <- g / |g|_F (all singular values in (0, 1]), then `steps` times X <- a X + (b A + c A^2) X
-    with A = X X^T. Iterated on the wide orientation (X X^T is min(m, n) square) and, on CUDA,
-    in bfloat16 (the iteration is self-correcting; its matmuls are the cost); elsewhere in g's
-    own dtype, so a float64 input is a float64 computation. No branch on values: vmap-safe.
+    with A = X X^T. Iterated on the wide orientation (X X^T is min(m, n) square) in `dtype`;
+    by default bfloat16 on CUDA (the iteration is self-correcting; its matmuls are the cost) and
+    g's own dtype elsewhere, so a float64 input is a float64 computation. No branch on values:
+    vmap-safe.
     """
     if g.ndim != 2:
         raise ValueError(f"newton_schulz orthogonalizes matrices, got a tensor of shape {tuple(g.shape)}")
     a, b, c = coefficients
     tall = g.shape[0] > g.shape[1]
     x = g.mT if tall else g  # (min, max)
-    x = x.to(torch.bfloat16) if x.device.type == "cuda" else x
+    if dtype is None:
+        dtype = torch.bfloat16 if x.device.type == "cuda" else x.dtype
+    x = x.to(dtype)
     norm = torch.linalg.matrix_norm(x, dtype=torch.promote_types(x.dtype, torch.float32))  # bf16 sums lose digits
     x = x / (norm.to(x.dtype) + NS_EPS)
     for _ in range(steps):
