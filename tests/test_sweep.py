@@ -10,8 +10,8 @@ import torch
 from fnlm.checkpoint import load_checkpoint
 from fnlm.cli import main
 from fnlm.config import ModelConfig, TrainConfig
-from fnlm.run import grid, latest_checkpoint, parse_axis, read_log, run_name, train, train_sweep
 from fnlm.model import init_params
+from fnlm.run import grid, latest_checkpoint, parse_axis, read_log, run_name, train, train_sweep
 from fnlm.sweep import make_sweep_step, stack, unstack
 from fnlm.train import make_optimizer, make_train_step
 from fnlm.tree import flatten, tree_leaves, unflatten
