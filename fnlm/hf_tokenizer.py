@@ -10,6 +10,10 @@ GPT-2 regex (each match its own piece) followed by ByteLevel without its own reg
 GPT-2's printable characters); a BPE model whose vocabulary is spelled in those characters and
 whose merges are fnlm's, in rank order; a ByteLevel decoder; no post-processor (no BOS).
 
+fnlm's regex runs on the `regex` module, tokenizers' on Oniguruma, whose Unicode tables differ
+in age: checked on every code point (between letters, digits and spaces), they split alike on
+every character that Unicode 14.0 assigns and differ only on some assigned since (Unicode 15+).
+
 One limit of tokenizers' ByteLevel decoder: a special token whose characters all lie in GPT-2's
 byte alphabet without being plain ASCII ("<é>") decodes to the wrong text there (its ids are
 right); special tokens in ASCII or with any other character ("<|日本語|>") decode as in fnlm.

@@ -24,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export", help="write a checkpoint as a numpy .npz or a Hugging Face (transformers) folder",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    export.add_argument("checkpoint", type=Path, help="a checkpoint written by fnlm train")
-    export.add_argument("out", type=Path, help="the .npz file, or the folder, to write")
+    export.add_argument("checkpoint", type=Path, metavar="CKPT", help="a checkpoint written by fnlm train")
+    export.add_argument("out", type=Path, metavar="OUT", help="the .npz file, or the folder, to write")
     export.add_argument("--format", choices=FORMATS, default=None,
                         help="npz: parameters by dotted name, read by numpy alone; hf: a LlamaForCausalLM "
                              "folder with tokenizer.json (default: npz if OUT ends in .npz, else hf)")
