@@ -43,7 +43,7 @@ from fnlm.data import load_tokens, resolve_device  # noqa: E402
 from fnlm.model import init_params, num_params  # noqa: E402
 from fnlm.run.process import keep_freed_memory  # noqa: E402
 from fnlm.sweep import make_sweep_step, stack  # noqa: E402
-from fnlm.train import make_optimizer, make_train_step, parse_autocast  # noqa: E402
+from fnlm.train import make_optimizer, make_schedule, make_train_step, parse_autocast  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,8 +86,8 @@ class Sequential:
             self.steps = [shared_compiled] * len(configs)
         else:
             self.hparams = [None] * len(configs)
-            self.steps = [make_train_step(cfg, make_optimizer(c), autocast_dtype=amp, device_type=device.type)
-                          for c in configs]
+            self.steps = [make_train_step(cfg, make_optimizer(c), schedule=make_schedule(c), autocast_dtype=amp,
+                                          device_type=device.type) for c in configs]
 
     def step(self, batches):
         losses = []
@@ -184,8 +184,9 @@ def tensor_hparam_step(cfg, base, amp, device):
     """One run's step with its lr and min_lr as tensor arguments: compiled once for every run."""
 
     def step(params, opt_state, hparams, x, y):
-        optimizer = make_optimizer(base, **hparams)
-        return make_train_step(cfg, optimizer, autocast_dtype=amp, device_type=device.type)(params, opt_state, x, y)
+        optimizer, schedule = make_optimizer(base, **hparams), make_schedule(base, **hparams)
+        return make_train_step(cfg, optimizer, schedule=schedule, autocast_dtype=amp,
+                               device_type=device.type)(params, opt_state, x, y)
 
     return step
 

@@ -252,4 +252,4 @@ def test_fnlm_train_help_describes_every_flag_with_its_default():
         assert action.help, action.option_strings
         assert "(default: " in action.help or "(required" in action.help, (action.option_strings, action.help)
     required = {action.option_strings[0] for action in parser._actions if action.help and "(required" in action.help}
-    assert {"--out", "--vocab-size", "--d-model", "--num-heads"} <= required
+    assert {"--out", "--train-data", "--vocab-size", "--d-model", "--num-heads"} <= required

@@ -18,8 +18,8 @@ a run whose loss turns non-finite stops (exit 1) with its finite checkpoints kep
 --sweep NAME=V1,V2,... (repeatable: the grid of the axes; NAME1:NAME2=A1:B1,A2:B2 varies two
 together) trains every run at once with one torch.func.vmap'd step; --out then holds
 sweep.json, learning_curves.png and one ordinary run folder per run. Sweepable: lr, min_lr,
-warmup_steps, cosine_steps, weight_decay, max_grad_norm, seed. A diverged run of a sweep is
-frozen at its last finite state while the others go on.
+warmup_steps, cosine_steps, weight_decay, max_grad_norm, muon_lr, seed. A diverged run of a
+sweep is frozen at its last finite state while the others go on.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from ..config import ModelConfig, TrainConfig
 RUNTIME_FIELDS = frozenset(
     {"device", "compile", "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"}
 )
-SCHEDULE_FIELDS = frozenset({"lr", "min_lr", "warmup_steps", "cosine_steps"})  # changed on resume with --reschedule
+# changed on resume only with --reschedule (fnlm.run.state.schedule_change)
+SCHEDULE_FIELDS = frozenset({"lr", "min_lr", "warmup_steps", "cosine_steps", "schedule", "decay_fraction", "muon_lr"})
 DATA_FIELDS = ("train_data", "val_data")
 
 HELP = {  # one line per config field; the default (or "required") is added from the dataclass
@@ -72,6 +73,11 @@ HELP = {  # one line per config field; the default (or "required") is added from
     "adam_eps": "AdamW epsilon, > 0",
     "weight_decay": "AdamW decoupled weight decay, >= 0",
     "max_grad_norm": "clip the global gradient norm to this; none: no clipping",
+    "optimizer": "adamw, or muon: Muon for the hidden matrices, AdamW for the rest",
+    "muon_lr": "Muon's peak learning rate (--optimizer muon)",
+    "muon_momentum": "Muon's momentum (--optimizer muon)",
+    "schedule": "cosine (warm-up, cosine decay) or wsd (warm-up, stable, decay)",
+    "decay_fraction": "wsd: the share of the steps spent decaying to --min-lr",
     "seed": "seed of parameter init and batch sampling",
     "log_every": "steps per log record (mean train loss, grad norm, lr, throughput)",
     "eval_every": "steps between validations; 0: never",
@@ -167,21 +173,20 @@ def _new_configs(config_file: Path | None, flags: dict[str, dict[str, Any]]) -> 
     for name in DATA_FIELDS:
         path = train.get(name)
         if path and not Path(path).is_file():
-            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file")
+            raise FileNotFoundError(f"{_flag(name)} {path}: no such file")
     if not train.get("train_data"):
         raise ValueError("--train-data is required: a token file (.npy, or raw binary)")
     required = [f.name for f in dataclasses.fields(ModelConfig)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [name for name in required if name not in model]
     if missing:
-        listed = ", ".join(f"--{name.replace('_', '-')}" for name in missing)
+        listed = ", ".join(_flag(name) for name in missing)
         where = f" or in {config_file}'s [model] table" if config_file else " (or in a --config file)"
         raise ValueError(f"missing model flags {listed}: give them as flags{where}")
     try:
         return ModelConfig.from_dict(model), TrainConfig.from_dict(train)
     except ValueError as error:  # name the flag, not the dataclass field
-        raise ValueError(re.sub(r"(?:ModelConfig|TrainConfig)\.(\w+)",
-                                lambda m: "--" + m.group(1).replace("_", "-"), str(error))) from None
+        raise ValueError(_flag_names(str(error))) from None
 
 
 def _sweep_request(args: argparse.Namespace) -> tuple[list, str] | None:
@@ -197,12 +202,12 @@ def _sweep_request(args: argparse.Namespace) -> tuple[list, str] | None:
 
 
 def _add_field_flag(group: argparse._ArgumentGroup, section: str, field: dataclasses.Field) -> None:
-    flag, dest, annotation = "--" + field.name.replace("_", "-"), f"{section}.{field.name}", str(field.type)
+    flag, dest, annotation = _flag(field.name), f"{section}.{field.name}", str(field.type)
     described = HELP.get(field.name, f"{section} setting {field.name} (see fnlm/config.py)")
-    if field.default is dataclasses.MISSING:
+    if field.default is dataclasses.MISSING or field.name == "train_data":
         described += " (required, or from --config)"
     else:
-        shown = "none" if field.default is None else field.default
+        shown = {None: "none", False: "off", True: "on"}.get(field.default, field.default)
         described += f" (default: {shown})"
     if annotation == "bool":
         group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=described)
@@ -255,13 +260,22 @@ def _resume_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig, flags: dic
                 or (name in DATA_FIELDS and not saved["train"][name]))
 
     changes = {name: value for name, value in flags["train"].items() if value != saved["train"][name]}
-    refused = sorted(f"--{name.replace('_', '-')}" for section, values in flags.items()
+    refused = sorted(_flag(name) for section, values in flags.items()
                      for name, value in values.items()
                      if value != saved[section][name] and not may_change(section, name, value))
     if refused:
-        hint = " (a new schedule needs --reschedule)" if set(refused) & {f"--{n.replace('_', '-')}" for n in SCHEDULE_FIELDS} else ""
+        hint = " (a new schedule needs --reschedule)" if set(refused) & {_flag(n) for n in SCHEDULE_FIELDS} else ""
         raise ValueError(f"--resume continues the saved configuration; these flags would change it: {refused}{hint}")
     try:
         return dataclasses.replace(train_cfg, **changes)
     except ValueError as error:
-        raise ValueError(re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(error))) from None
+        raise ValueError(_flag_names(str(error))) from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _flag_names(message: str) -> str:
+    """A config error in the command's words: "TrainConfig.adam_eps must ..." -> "--adam-eps must ..."."""
+    return re.sub(r"(?:ModelConfig|TrainConfig)\.(\w+)", lambda match: _flag(match.group(1)), message)

@@ -292,7 +292,7 @@ class _Loop:
         k = len(self.runs)
         self.window_sums = torch.zeros(k, 2, device=self.device)  # per run: sums of (loss, grad norm)
         self.window_counts = torch.zeros(k, dtype=torch.long, device=self.device)
-        self.window_lr = torch.zeros(k, device=self.device)  # the rate of each run's latest step, as the step reported it
+        self.window_lr = torch.zeros(k, device=self.device)  # each run's latest rate, as its step reported it
         self.window_steps, self.window_start = 0, time.perf_counter()
 
     def _record_divergences(self) -> None:

@@ -113,8 +113,9 @@ def schedule_change(saved: dict | None, run: Run, reschedule: bool) -> dict[str,
     if saved is None:
         return {}
     old, new = TrainConfig.from_dict(saved), run.config
-    names = ("lr", "min_lr", "warmup_steps", "decay_steps")
-    changes = {name: [getattr(old, name), getattr(new, name)] for name in names if getattr(old, name) != getattr(new, name)}
+    names = ("lr", "min_lr", "warmup_steps", "decay_steps", "schedule", "decay_fraction", "muon_lr")
+    changes = {name: [getattr(old, name), getattr(new, name)] for name in names
+               if getattr(old, name) != getattr(new, name)}
     if not changes or reschedule:
         return changes
     where = f"{run.dir}: " if run.name else ""

@@ -24,10 +24,10 @@ from typing import Any, NamedTuple
 from ..config import ModelConfig, TrainConfig
 from .folder import configs_from, read_json, write_json
 
-# TrainConfig fields a sweep may vary. All but the seed are tensors inside the step; the seed
-# chooses the initial parameters and, with the per-run stream, the batches.
+# TrainConfig fields a sweep may vary: fnlm.train.TENSOR_HPARAMS, tensors inside the step, and
+# the seed, which chooses the initial parameters and, with the per-run stream, the batches.
 AXES: dict[str, type] = {"lr": float, "min_lr": float, "warmup_steps": int, "cosine_steps": int,
-                         "weight_decay": float, "max_grad_norm": float, "seed": int}
+                         "weight_decay": float, "max_grad_norm": float, "muon_lr": float, "seed": int}
 STREAMS = ("per-run", "same")
 SWEEP_FILE = "sweep.json"
 Axis = tuple[tuple[str, ...], list[tuple[Any, ...]]]  # (names, one value tuple per point)
