@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from ..config import TrainConfig
     from ..data import resolve_device
-    from ..run import train
+    from ..run import read_log, train
     from ..run.process import keep_freed_memory
     from ..tokenizer import Tokenizer, train_bpe
     from ..tokenizer.encode_file import encode_file
@@ -122,7 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
           f"training tokens) on {device}")
     result = train(model_cfg, train_cfg, run / "model", show_progress=not args.no_progress)
     checkpoints = checkpoints_by_step(run / "model" / "checkpoints")
-    best = best_validation(read_jsonl(run / "model" / "log.jsonl"), checkpoints)
+    best = best_validation(read_log(run / "model" / "log.jsonl"), checkpoints)
     if best is None:
         print("fnlm demo: training stopped before a validated checkpoint was written", file=sys.stderr)
         return 1
@@ -192,11 +192,6 @@ def checkpoints_by_step(folder: Path) -> dict[int, Path]:
         if digits:
             found[int(digits[-1])] = path
     return dict(sorted(found.items()))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines if line.strip()]
 
 
 def longest_shared_span(text: str, corpus: str) -> str:
