@@ -30,9 +30,27 @@ except ImportError:  # Triton ships with CUDA builds of torch on Linux only
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ENABLED = os.environ.get("FNLM_FLASH_ATTENTION", "1") != "0"  # 0: always the plain PyTorch path
-BLOCK_M = 64  # queries per program
-BLOCK_N = 64  # keys per inner step
+
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) of each kernel by head dim (<= 64, 128).
+# The forward and dQ kernels step over keys in the program's query block (BLOCK_M % BLOCK_N == 0),
+# the dK/dV kernel over queries in its key block (BLOCK_N % BLOCK_M == 0): the EVEN paths rely on it.
+# Chosen on an H200 (torch 2.11, Triton 3.6) among six tilings at the issue-12 shapes (B H T D =
+# 32 12 1024 64, 128 16 256 32, 64 12 512 64), forward and backward apart.
+TUNING = {
+    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "backward_kv": {64: (64, 64, 4, 3), 128: (32, 64, 4, 3)},
+    "backward_q": {64: (64, 64, 4, 3), 128: (64, 32, 4, 3)},
+}
+
+
+def tuning(kernel: str, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel` for head_dim."""
+    return TUNING[kernel][64 if head_dim <= 64 else 128]
+
+
+def _even(seq_len: int, head_dim: int) -> bool:
+    """Whether T is a multiple of every block size, so that only diagonal blocks need masks."""
+    return all(seq_len % size == 0 for kernel in TUNING for size in tuning(kernel, head_dim)[:2])
 
 
 def supports(q: Tensor) -> bool:
@@ -45,7 +63,6 @@ def supports(q: Tensor) -> bool:
         and q.ndim == 4
         and 16 <= head_dim <= 128
         and head_dim & (head_dim - 1) == 0
-        and ENABLED
     )
 
 
@@ -63,13 +80,38 @@ if triton is not None:
                        mask=(rows < seq_len)[:, None], other=0.0)
 
     @triton.jit
-    def _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE: tl.constexpr):
+    def _visible(rows, cols, seq_len):
+        """Where query `rows` may attend key `cols`: causal, and both inside the sequence."""
+        return (rows[:, None] >= cols[None, :]) & (rows < seq_len)[:, None] & (cols < seq_len)[None, :]
+
+    @triton.jit
+    def _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE: tl.constexpr,
+                           MASKED: tl.constexpr):
         """One (M, N) block of the backward: P recomputed from the log-sum-exp, and
-        dS = P * (dO V^T - rowsum(dO * O)); both 0 where the causal mask or the sequence end hides."""
+        dS = P * (dO V^T - rowsum(dO * O)); with MASKED, both 0 where the causal mask or the
+        sequence end hides (blocks wholly below the diagonal skip that select)."""
         probs = tl.exp(tl.dot(q, tl.trans(k)) * SCALE - lse[:, None])
-        visible = (rows[:, None] >= cols[None, :]) & (rows < seq_len)[:, None] & (cols < seq_len)[None, :]
-        probs = tl.where(visible, probs, 0.0)
+        if MASKED:
+            probs = tl.where(_visible(rows, cols, seq_len), probs, 0.0)
         return probs, probs * (tl.dot(grad_out, tl.trans(v)) - delta[:, None])
+
+    @triton.jit
+    def _forward_block(q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
+                       rows, dims, seq_len, start_n, row_max, row_sum, acc, log2_scale,
+                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+        """One online-softmax step over keys start_n .. start_n + BLOCK_N: (row_max, row_sum, acc)."""
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (N, D)
+        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
+        scores = tl.dot(q, tl.trans(k)) * log2_scale  # (M, N), base-2 units
+        if MASKED:
+            scores = tl.where((rows[:, None] >= cols[None, :]) & (cols < seq_len)[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        probs = tl.math.exp2(scores - new_max[:, None])
+        rescale = tl.math.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
+        return new_max, row_sum, acc
 
     @triton.jit
     def _forward_kernel(
@@ -79,8 +121,12 @@ if triton is not None:
         v_stride_b, v_stride_h, v_stride_t,
         num_heads, seq_len,
         SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        EVEN: tl.constexpr,
     ):
-        """O and the log-sum-exp for one block of queries: keys up to the diagonal, online softmax."""
+        """O and the log-sum-exp for one block of queries: keys up to the diagonal, online softmax.
+
+        EVEN (T a multiple of every block size): the key blocks left of the diagonal block need
+        no mask; only the diagonal's BLOCK_M keys are masked. Otherwise every block is."""
         block_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // num_heads, bh % num_heads
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -90,23 +136,40 @@ if triton is not None:
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for start_n in range(0, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (N, D)
-            v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
-            scores = tl.dot(q, tl.trans(k)) * log2_scale  # (M, N), base-2 units
-            scores = tl.where((rows[:, None] >= cols[None, :]) & (cols < seq_len)[None, :], scores, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, 1))
-            probs = tl.math.exp2(scores - new_max[:, None])
-            rescale = tl.math.exp2(row_max - new_max)
-            row_sum = row_sum * rescale + tl.sum(probs, 1)
-            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
-            row_max = new_max
+        if EVEN:
+            for start_n in range(0, block_m * BLOCK_M, BLOCK_N):
+                row_max, row_sum, acc = _forward_block(
+                    q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t, rows, dims, seq_len, start_n, row_max, row_sum,
+                                                       acc, log2_scale, BLOCK_N, False)
+            for start_n in range(block_m * BLOCK_M, (block_m + 1) * BLOCK_M, BLOCK_N):
+                row_max, row_sum, acc = _forward_block(
+                    q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t, rows, dims, seq_len, start_n, row_max, row_sum,
+                                                       acc, log2_scale, BLOCK_N, True)
+        else:
+            for start_n in range(0, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
+                row_max, row_sum, acc = _forward_block(
+                    q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t, rows, dims, seq_len, start_n, row_max, row_sum,
+                                                       acc, log2_scale, BLOCK_N, True)
         row_ok = rows < seq_len
         o_offsets = bh * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
         tl.store(O + o_offsets, (acc / row_sum[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
         # Natural-log log-sum-exp of the scaled scores: (max + log2 sum) / log2 e.
         tl.store(LSE + bh * seq_len + rows, (row_max + tl.math.log2(row_sum)) * 0.6931471805599453, mask=row_ok)
+
+    @triton.jit
+    def _backward_kv_block(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
+                           do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len, start_m, dk, dv,
+                           SCALE: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+        """dK, dV accumulated over the queries start_m .. start_m + BLOCK_M."""
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)  # (M, D)
+        grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len)
+        lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        delta = tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        probs, dscores = _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE, MASKED)
+        dv += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
+        dk += tl.dot(tl.trans(dscores.to(q.dtype)), q)
+        return dk, dv
 
     @triton.jit
     def _backward_kv_kernel(
@@ -117,8 +180,10 @@ if triton is not None:
         do_stride_b, do_stride_h, do_stride_t,
         num_heads, seq_len,
         SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        EVEN: tl.constexpr,
     ):
-        """dK, dV for one block of keys: every query block at or after it, recomputing P."""
+        """dK, dV for one block of keys: every query block at or after it, recomputing P. With
+        EVEN, only the query blocks that overlap the key block's diagonal are masked."""
         block_n, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // num_heads, bh % num_heads
         cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,18 +192,32 @@ if triton is not None:
         v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        for start_m in range((block_n * BLOCK_N) // BLOCK_M * BLOCK_M, seq_len, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)  # (M, D)
-            grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len)
-            lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
-            delta = tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
-            probs, dscores = _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE)
-            dv += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
-            dk += tl.dot(tl.trans(dscores.to(q.dtype)), q)
+        first = (block_n * BLOCK_N) // BLOCK_M * BLOCK_M
+        masked_end = seq_len
+        if EVEN:
+            masked_end = (block_n + 1) * BLOCK_N  # the query blocks from here on see every key of this block
+        for start_m in range(first, masked_end, BLOCK_M):
+            dk, dv = _backward_kv_block(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
+                                        do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len,
+                                        start_m, dk, dv, SCALE, BLOCK_M, True)
+        for start_m in range(masked_end, seq_len, BLOCK_M):
+            dk, dv = _backward_kv_block(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
+                                        do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len,
+                                        start_m, dk, dv, SCALE, BLOCK_M, False)
         offsets = bh * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
         tl.store(DK + offsets, (dk * SCALE).to(DK.dtype.element_ty), mask=(cols < seq_len)[:, None])
         tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=(cols < seq_len)[:, None])
+
+    @triton.jit
+    def _backward_q_block(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
+                          q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
+                          SCALE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+        """dQ accumulated over the keys start_n .. start_n + BLOCK_N."""
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (N, D)
+        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
+        _, dscores = _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE, MASKED)
+        return dq + tl.dot(dscores.to(k.dtype), k)
 
     @triton.jit
     def _backward_q_kernel(
@@ -149,8 +228,10 @@ if triton is not None:
         do_stride_b, do_stride_h, do_stride_t,
         num_heads, seq_len,
         SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        EVEN: tl.constexpr,
     ):
-        """dQ for one block of queries: every key block up to the diagonal, recomputing P."""
+        """dQ for one block of queries: every key block up to the diagonal, recomputing P. With
+        EVEN, only the key blocks of the diagonal are masked."""
         block_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // num_heads, bh % num_heads
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -160,12 +241,17 @@ if triton is not None:
         lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
         delta = tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for start_n in range(0, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (N, D)
-            v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
-            _, dscores = _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE)
-            dq += tl.dot(dscores.to(k.dtype), k)
+        unmasked_end = 0
+        if EVEN:
+            unmasked_end = block_m * BLOCK_M
+        for start_n in range(0, unmasked_end, BLOCK_N):
+            dq = _backward_q_block(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h,
+                                   v_stride_t, q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
+                                   SCALE, BLOCK_N, False)
+        for start_n in range(unmasked_end, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
+            dq = _backward_q_block(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h,
+                                   v_stride_t, q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
+                                   SCALE, BLOCK_N, True)
         offsets = bh * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
         tl.store(DQ + offsets, (dq * SCALE).to(DQ.dtype.element_ty), mask=(rows < seq_len)[:, None])
 
@@ -180,10 +266,11 @@ if triton is not None:
         batch, heads, seq_len, head_dim = q.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
-        grid = (triton.cdiv(seq_len, BLOCK_M), batch * heads)
-        launch(_forward_kernel)[grid](
+        block_m, block_n, warps, stages = tuning("forward", head_dim)
+        launch(_forward_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
             q, k, v, out, lse, *_strides(q, k, v), heads, seq_len,
-            SCALE=scale, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            SCALE=scale, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, EVEN=_even(seq_len, head_dim),
+            num_warps=warps, num_stages=stages,
         )
         return out, lse
 
@@ -192,12 +279,16 @@ if triton is not None:
         delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, T): rowsum(dO * O)
         dq, dk, dv = (torch.empty(q.shape, dtype=t.dtype, device=q.device) for t in (q, k, v))
         args = (*_strides(q, k, v, grad_out), heads, seq_len)
-        meta = dict(SCALE=scale, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-        launch(_backward_kv_kernel)[(triton.cdiv(seq_len, BLOCK_N), batch * heads)](
-            q, k, v, grad_out, lse, delta, dk, dv, *args, **meta
+        even = _even(seq_len, head_dim)
+        block_m, block_n, warps, stages = tuning("backward_kv", head_dim)
+        launch(_backward_kv_kernel)[(triton.cdiv(seq_len, block_n), batch * heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, *args, SCALE=scale, HEAD_DIM=head_dim,
+            BLOCK_M=block_m, BLOCK_N=block_n, EVEN=even, num_warps=warps, num_stages=stages,
         )
-        launch(_backward_q_kernel)[(triton.cdiv(seq_len, BLOCK_M), batch * heads)](
-            q, k, v, grad_out, lse, delta, dq, *args, **meta
+        block_m, block_n, warps, stages = tuning("backward_q", head_dim)
+        launch(_backward_q_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
+            q, k, v, grad_out, lse, delta, dq, *args, SCALE=scale, HEAD_DIM=head_dim,
+            BLOCK_M=block_m, BLOCK_N=block_n, EVEN=even, num_warps=warps, num_stages=stages,
         )
         return dq, dk, dv
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
+from .fused_ce import linear_cross_entropy
 from .nn import embedding, linear, multihead_self_attention, relu_squared_ffn, rmsnorm, silu_ffn, swiglu
 from .tree import PyTree, tree_leaves, tree_map_with_path
 
@@ -118,18 +119,20 @@ def num_params(params: PyTree) -> int:
 
 
 def transformer_block(
-    params: PyTree, x: Tensor, cfg: ModelConfig, token_positions: Tensor | None = None
+    params: PyTree, x: Tensor, cfg: ModelConfig, token_positions: Tensor | None = None, *, attention: str = "auto"
 ) -> Tensor:
-    """x (B, T, D) -> (B, T, D): causal self-attention and FFN sublayers, pre-norm or post-norm."""
+    """x (B, T, D) -> (B, T, D): causal self-attention and FFN sublayers, pre-norm or post-norm.
 
-    def attention(h: Tensor) -> tuple[Tensor, None]:
+    attention picks the attention kernel: "auto", "triton" or "plain" (fnlm.nn.causal_attention)."""
+
+    def attend(h: Tensor) -> tuple[Tensor, None]:
         theta = None if cfg.remove_rope else cfg.rope_theta
         out = multihead_self_attention(
-            params["attn"], h, cfg.num_heads, token_positions=token_positions, rope_theta=theta
+            params["attn"], h, cfg.num_heads, token_positions=token_positions, rope_theta=theta, attention=attention
         )
         return out, None
 
-    return residual_block(params, x, cfg, attention)[0]
+    return residual_block(params, x, cfg, attend)[0]
 
 
 FFNS = {"swiglu": swiglu, "silu": silu_ffn, "relu2": relu_squared_ffn}  # ModelConfig.ffn_type -> the FFN
@@ -160,24 +163,49 @@ def residual_block(
     return x + ffn(norm("ln2", x)), aux
 
 
-def transformer_lm(params: PyTree, token_ids: Tensor, cfg: ModelConfig) -> Tensor:
+def transformer_lm(params: PyTree, token_ids: Tensor, cfg: ModelConfig, *, attention: str = "auto") -> Tensor:
     """token_ids (B, T) integer, T <= context_length -> logits (B, T, V)."""
+    return output_logits(params, transformer_trunk(params, token_ids, cfg, attention=attention), cfg)
+
+
+def lm_loss(
+    params: PyTree, token_ids: Tensor, targets: Tensor, cfg: ModelConfig, *, attention: str = "auto"
+) -> Tensor:
+    """Mean cross-entropy of transformer_lm's logits at targets (B, T) -> 0-d float32.
+
+    The same number as cross_entropy(transformer_lm(...), targets), computed by the fused LM
+    head (fnlm.fused_ce), which never holds the (B, T, V) logits.
+    """
+    x = final_norm(params, transformer_trunk(params, token_ids, cfg, attention=attention), cfg)
+    return linear_cross_entropy(lm_head_weight(params, cfg), x, targets, soft_cap=cfg.logit_soft_cap)
+
+
+def transformer_trunk(params: PyTree, token_ids: Tensor, cfg: ModelConfig, *, attention: str = "auto") -> Tensor:
+    """token_ids (B, T) -> the last block's output (B, T, D): the embedding and every block."""
     check_token_ids(token_ids, cfg)
     x = embedding(params["token_embeddings"], token_ids)  # (B, T, D)
     for layer in params["layers"]:
-        x = transformer_block(layer, x, cfg)
-    return output_logits(params, x, cfg)
+        x = transformer_block(layer, x, cfg, attention=attention)
+    return x
 
 
 def output_logits(params: PyTree, x: Tensor, cfg: ModelConfig) -> Tensor:
     """The last block's output (B, T, D) -> logits (B, T, V): final norm (if any), then lm_head
     (token_embeddings when tied), then the soft cap (if any)."""
-    if "ln_final" in params:
-        x = rmsnorm(params["ln_final"], x, cfg.eps)
-    logits = linear(params["token_embeddings" if cfg.tie_embeddings else "lm_head"], x)
+    logits = linear({"weight": lm_head_weight(params, cfg)}, final_norm(params, x, cfg))
     if cfg.logit_soft_cap is not None:
         logits = cfg.logit_soft_cap * torch.tanh(logits / cfg.logit_soft_cap)
     return logits
+
+
+def final_norm(params: PyTree, x: Tensor, cfg: ModelConfig) -> Tensor:
+    """(B, T, D) -> (B, T, D): ln_final where the model has one (pre-norm with RMSNorm)."""
+    return rmsnorm(params["ln_final"], x, cfg.eps) if "ln_final" in params else x
+
+
+def lm_head_weight(params: PyTree, cfg: ModelConfig) -> Tensor:
+    """The (V, D) output projection: lm_head, or token_embeddings when tied."""
+    return params["token_embeddings" if cfg.tie_embeddings else "lm_head"]["weight"]
 
 
 def check_token_ids(token_ids: Tensor, cfg: ModelConfig) -> None:

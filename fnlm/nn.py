@@ -137,6 +137,30 @@ def scaled_dot_product_attention(
     return softmax(scores, dim=-1).to(v.dtype) @ v
 
 
+ATTENTION_KERNELS = ("auto", "triton", "plain")
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto") -> Tensor:
+    """scaled_dot_product_attention under the causal mask. q, k, v (..., H, T, Dh) -> (..., H, T, Dh).
+
+    kernel "plain" is the PyTorch definition, "triton" the fused kernels of fnlm.flash_attention
+    (the same function without the (T, T) scores; CUDA in half precision, or Triton's CPU
+    interpreter), "auto" the kernels where they run on CUDA, else the definition.
+    """
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    if kernel == "triton" and not flash_attention.supports(q):
+        raise ValueError(
+            f"the Triton attention kernels need Triton, CUDA (or TRITON_INTERPRET=1), float16/bfloat16 and a "
+            f"power-of-two head dim in 16..128; got {q.dtype} {tuple(q.shape)} on {q.device}"
+        )
+    if kernel == "triton" or kernel == "auto" and q.is_cuda and flash_attention.supports(q):
+        return flash_attention.causal_attention(q, k, v)
+    seq_len = q.shape[-2]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()  # (T, T)
+    return scaled_dot_product_attention(q, k, v, causal)
+
+
 def multihead_self_attention(
     params: PyTree,
     x: Tensor,
@@ -144,21 +168,19 @@ def multihead_self_attention(
     *,
     token_positions: Tensor | None = None,
     rope_theta: float | None = None,
+    attention: str = "auto",
 ) -> Tensor:
     """Causal multi-head self-attention. x (..., T, D) -> (..., T, D).
 
     params {q_proj, k_proj, v_proj, output_proj: {"weight": (D, D)}}; rows h*Dh:(h+1)*Dh of each
     projection belong to head h. RoPE rotates queries and keys when rope_theta is given, at
-    token_positions (..., T) (default 0..T-1); rope_theta=None is NoPE.
+    token_positions (..., T) (default 0..T-1); rope_theta=None is NoPE. `attention` picks the
+    kernel (causal_attention).
     """
-    seq_len = x.shape[-2]
     if token_positions is None:
-        token_positions = torch.arange(seq_len, device=x.device)
+        token_positions = torch.arange(x.shape[-2], device=x.device)
     q, k, v = attention_heads(params, x, num_heads, token_positions, rope_theta)
-    if flash_attention.supports(q):  # half precision on a GPU: the same function, fused in Triton
-        return attention_output(params, flash_attention.causal_attention(q, k, v))
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()  # (T, T)
-    return attention_output(params, scaled_dot_product_attention(q, k, v, causal))
+    return attention_output(params, causal_attention(q, k, v, attention))
 
 
 QK_NORM_EPS = 1e-5  # fixed, so that every caller of attention_heads (the KV caches too) agrees

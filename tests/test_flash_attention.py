@@ -24,7 +24,8 @@ def check_kernels() -> None:
     from fnlm.tree import tree_map
 
     assert flash_attention.INTERPRET
-    for seq_len, head_dim in [(1, 16), (5, 32), (64, 32), (130, 64)]:
+    # T = 256 is a multiple of every block: the EVEN kernels, which mask only diagonal blocks
+    for seq_len, head_dim in [(1, 16), (5, 32), (64, 32), (130, 64), (256, 32)]:
         q, k, v = (torch.randn(2, 3, seq_len, head_dim, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
                    for s in range(3))
         grad_out = torch.randn(2, 3, seq_len, head_dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -57,8 +58,8 @@ def check_kernels() -> None:
     cfg = ModelConfig(vocab_size=50, context_length=24, d_model=64, num_layers=2, num_heads=2, d_ff=96)
     params = init_params(cfg, seed=0, dtype=torch.float64)
     ids = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(0))
-    loss16 = cross_entropy(transformer_lm(tree_map(torch.Tensor.half, params), ids, cfg), ids)
-    loss64 = cross_entropy(transformer_lm(params, ids, cfg), ids)
+    loss16 = cross_entropy(transformer_lm(tree_map(torch.Tensor.half, params), ids, cfg, attention="triton"), ids)
+    loss64 = cross_entropy(transformer_lm(params, ids, cfg, attention="plain"), ids)
     assert abs(loss16.item() - loss64.item()) < 1e-2, (loss16, loss64)
     print("flash attention kernels ok")
 
@@ -84,3 +85,18 @@ def test_kernels_are_not_used_for_float32_or_on_the_cpu():
     q = torch.zeros(1, 2, 8, 32)
     assert not flash_attention.supports(q)
     assert not flash_attention.supports(q.half()) or flash_attention.INTERPRET
+
+
+def test_the_kernel_is_an_explicit_choice():
+    from fnlm import flash_attention
+    from fnlm.nn import causal_attention, scaled_dot_product_attention
+
+    q, k, v = (torch.randn(1, 2, 8, 32, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    for kernel in ("auto", "plain"):  # auto means the kernels on CUDA only
+        torch.testing.assert_close(causal_attention(q, k, v, kernel), scaled_dot_product_attention(q, k, v, causal))
+    with pytest.raises(ValueError, match="Triton attention kernels need"):
+        causal_attention(q, k, v, "triton")  # float32
+    with pytest.raises(ValueError, match="must be one of"):
+        causal_attention(q, k, v, "flash")
+    assert flash_attention.tuning("forward", 64)[0] % flash_attention.tuning("forward", 64)[1] == 0

@@ -1,0 +1,129 @@
+"""The LM head and its cross-entropy as one function, over chunks of rows: no (N, V) logits.
+
+    loss = linear_cross_entropy(weight, x, targets, soft_cap=None)
+         == cross_entropy(soft_cap(x @ weight.T), targets)          (fnlm.nn, to rounding)
+
+At GPT-2 shapes the logits are the largest tensors of a training step (32 x 1024 x 50257: 3.3 GB
+in bfloat16, 6.6 GB as the float32 that the loss needs). Here rows are taken a chunk at a time:
+the chunk's logits, their log-sum-exp, and, when gradients are wanted, the gradient of the mean
+loss with respect to the chunk's logits (softmax - onehot) / N, turned at once into the chunk's
+share of dL/dx (N, D) and dL/dW (V, D); the logits chunk is then dropped. The gradient is thus
+computed in the forward pass (the loss is a scalar, so the backward only scales it by the
+incoming gradient): first-order only, which is all a training step needs.
+
+The arithmetic follows the plain path: the matmuls in the compute dtype (autocast's when
+autocast is on, else the inputs'), the softmax and log-sum-exp in float32 at least; dL/dW is
+accumulated over chunks in float32 and both gradients are returned in the inputs' own dtype
+(float32 master weights get float32 gradients). Plain PyTorch, so it runs on every device; under
+torch.compile inductor fuses each chunk's elementwise work into the matmuls' neighbours.
+
+Shape legend: N rows (batch x sequence, flattened), D model dim, V vocabulary, C rows per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CHUNK_ELEMENTS = 2**28  # logits per chunk: 1 GiB as float32, whatever the vocabulary
+
+
+def linear_cross_entropy(
+    weight: Tensor, x: Tensor, targets: Tensor, *, soft_cap: float | None = None, chunk_rows: int | None = None
+) -> Tensor:
+    """Mean cross-entropy of the logits x @ weight.T (soft-capped: c tanh(logits / c)) at targets.
+
+    weight (V, D), x (..., D), targets (...) integer -> 0-d, float32 at least. chunk_rows C
+    defaults to the largest power of two with C x V <= CHUNK_ELEMENTS.
+    """
+    if x.shape[:-1] != targets.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal x's shape without its last dim "
+                         f"{tuple(x.shape[:-1])}")
+    if weight.ndim != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be (V, {x.shape[-1]}), got {tuple(weight.shape)}")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap must be positive or None, got {soft_cap!r}")
+    vocab_size = weight.shape[0]
+    if chunk_rows is None:
+        chunk_rows = 1 << max(0, (CHUNK_ELEMENTS // vocab_size).bit_length() - 1)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    device_type = x.device.type
+    compute_dtype = (
+        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+        else torch.promote_types(x.dtype, weight.dtype)
+    )
+    rows, labels = x.flatten(0, -2), targets.flatten()
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(weight, rows, labels, soft_cap, chunk_rows, compute_dtype)[0]
+    return _chunked_loss(weight, rows, labels, soft_cap, chunk_rows, compute_dtype, with_grads=False)[0]
+
+
+def _chunk_logits(w: Tensor, x: Tensor, soft_cap: float | None) -> tuple[Tensor, Tensor | None]:
+    """x (C, D) @ w.T in their dtype -> (logits (C, V) float32 at least, tanh of the capped logits or None)."""
+    logits = x @ w.T
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if soft_cap is None:
+        return logits, None
+    squashed = torch.tanh(logits / soft_cap)
+    return soft_cap * squashed, squashed
+
+
+def _chunked_loss(
+    weight: Tensor, x: Tensor, targets: Tensor, soft_cap: float | None, chunk_rows: int,
+    compute_dtype: torch.dtype, *, with_grads: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(mean loss, dL/dx (N, D) or None, dL/dW (V, D) or None), a chunk of C rows at a time.
+
+    Out of place throughout, so that torch.func.vmap can batch it (a sweep's stacked runs).
+    """
+    num_rows = x.shape[0]
+    w = weight.to(compute_dtype)
+    total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
+    grad_rows, grad_w = [], None
+    for start in range(0, num_rows, chunk_rows):
+        xc, yc = x[start:start + chunk_rows].to(compute_dtype), targets[start:start + chunk_rows]
+        logits, squashed = _chunk_logits(w, xc, soft_cap)  # (C, V)
+        log_normalizer = logits.logsumexp(-1, keepdim=True)  # (C, 1)
+        total = total + (log_normalizer - logits.gather(-1, yc.unsqueeze(-1))).sum()
+        if not with_grads:
+            continue
+        grad = (logits - log_normalizer).exp()  # softmax (C, V)
+        grad = grad.scatter_add(-1, yc.unsqueeze(-1), torch.full_like(log_normalizer, -1.0)) / num_rows
+        if squashed is not None:  # d(c tanh(z / c))/dz = 1 - tanh^2
+            grad = grad * (1 - squashed.square())
+        grad = grad.to(compute_dtype)
+        grad_rows.append((grad @ w).to(x.dtype))  # (C, D)
+        chunk_grad_w = (grad.T @ xc).to(torch.promote_types(weight.dtype, torch.float32))  # (V, D)
+        grad_w = chunk_grad_w if grad_w is None else grad_w + chunk_grad_w
+    loss = total / num_rows
+    if not with_grads:
+        return loss, None, None
+    return loss, torch.cat(grad_rows), grad_w.to(weight.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """forward(weight (V, D), x (N, D), targets (N,), soft_cap, chunk_rows, compute_dtype) ->
+    (mean loss, dL/dx, dL/dW): the gradients come out of the forward, non-differentiable, and the
+    backward scales them by the loss's incoming gradient. setup_context style with a generated
+    vmap rule, so torch.func.grad, vmap and torch.compile all apply."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weight, x, targets, soft_cap, chunk_rows, compute_dtype):
+        return _chunked_loss(weight, x, targets, soft_cap, chunk_rows, compute_dtype, with_grads=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, grad_x, grad_w = output
+        ctx.mark_non_differentiable(grad_x, grad_w)
+        ctx.save_for_backward(grad_x, grad_w)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_x: Tensor, _grad_w: Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_w * grad_loss.to(grad_w.dtype), grad_x * grad_loss.to(grad_x.dtype), None, None, None, None
+
+
+torch._dynamo.allow_in_graph(_LinearCrossEntropy)  # as fnlm.nn's Functions: compiled vmap needs it
