@@ -2,8 +2,16 @@
 
     uv run python scripts/bench_train.py                                   # CPU, small config, eager
     uv run python scripts/bench_train.py --compile both --steps 10
-    python scripts/bench_train.py --device cuda --config tinystories --batch-size 128 \\
-        --autocast bfloat16 --compile both --out bench_train_h100.json     # the issue's H100 target
+    python scripts/bench_train.py --device cuda --config gpt2-small --autocast bfloat16 \\
+        --compile compiled --out docs/results/bench_train_h200_gpt2-small.json
+
+Presets (--config) with their batch sizes: tinystories (V10000 T256 d512 L4, batch 128),
+leaderboard (V32000 T512 d768 L12, batch 64), gpt2-small (V50257 T1024 d768 L12, batch 32), and
+small for the CPU. Beside tokens/s: the model FLOP utilisation (MFU), 6 x matmul parameters +
+12 L T d attention FLOPs per token (PaLM's count, which includes the masked half of causal
+attention) against the device's dense bf16 peak (989 TFLOP/s on an H100/H200 SXM; --peak-tflops
+elsewhere), each side's peak GPU memory (the most its steps allocated, other variants' resident
+state excluded), and each side's warm-up (the first --warmup steps: compilation included).
 
 fnlm:      params pytree -> torch.func.grad_and_value(loss) -> adamw chain (clip, Adam, decay, lr)
            -> apply_updates, all one pure function (torch.compile'd whole when compiled).
@@ -40,13 +48,17 @@ from fnlm.model import init_params, num_params  # noqa: E402
 from fnlm.optim import adamw  # noqa: E402
 from fnlm.run.process import keep_freed_memory  # noqa: E402
 from fnlm.train import autocast, make_train_step, parse_autocast  # noqa: E402
-from fnlm.tree import flatten  # noqa: E402
+from fnlm.tree import flatten, tree_leaves  # noqa: E402
 from tests.reference import ReferenceLM  # noqa: E402
 
-CONFIGS = {
+CONFIGS = {  # issue 12's shapes: the handout's TinyStories model, the leaderboard's, GPT-2 small
     "tinystories": dict(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344),
+    "leaderboard": dict(vocab_size=32_000, context_length=512, d_model=768, num_layers=12, num_heads=12, d_ff=2048),
+    "gpt2-small": dict(vocab_size=50_257, context_length=1024, d_model=768, num_layers=12, num_heads=12, d_ff=2048),
     "small": dict(vocab_size=10_000, context_length=64, d_model=128, num_layers=2, num_heads=4, d_ff=344),
 }
+BATCH_SIZES = {"tinystories": 128, "leaderboard": 64, "gpt2-small": 32, "small": 16}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM datasheets; matched in the device name
 HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)
 
 
@@ -56,7 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     for name in CONFIGS["small"]:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"override the config's {name}")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, help="default: the preset's (see above)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (default: by name)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and variant")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compilation)")
@@ -87,6 +100,9 @@ class Fnlm:
         self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, x, y)
         return metrics.loss
 
+    def resident_bytes(self) -> int:
+        return tree_bytes(tree_leaves((self.params, self.opt_state)))
+
 
 class Reference:
     def __init__(self, cfg, params, amp, device, compile, compile_mode):
@@ -106,6 +122,11 @@ class Reference:
         self.optimizer.step()
         return loss.detach()
 
+    def resident_bytes(self) -> int:
+        params = list(self.model.parameters())
+        state = [t for s in self.optimizer.state.values() for t in s.values()]
+        return tree_bytes(params + [p.grad for p in params] + state)
+
 
 def main() -> None:
     args = parse_args()
@@ -114,6 +135,7 @@ def main() -> None:
     device = resolve_device(args.device)
     kept_freed_memory = device.type == "cpu" and args.keep_freed_memory and keep_freed_memory()
     dims = CONFIGS[args.config] | {k: v for k, v in vars(args).items() if k in CONFIGS["small"] and v is not None}
+    args.batch_size = args.batch_size or BATCH_SIZES[args.config]
     cfg = ModelConfig(**dims)
     amp = parse_autocast(args.autocast)
     batches = make_batches(args, cfg, device)
@@ -126,14 +148,22 @@ def main() -> None:
     }
     losses = {name: [] for name in variants}
     cursor = {name: 0 for name in variants}
+    peak_bytes = {name: 0 for name in variants}
 
     def run(name: str, steps: int) -> float:
-        variant, start = variants[name], time.perf_counter()
+        variant = variants[name]
+        synchronize(device)
+        resident = memory_allocated(device)
+        reset_peak_memory(device)
+        start = time.perf_counter()
         for _ in range(steps):
             losses[name].append(variant.step(*batches[cursor[name] % len(batches)]))
             cursor[name] += 1
         synchronize(device)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        # this variant's peak: what its steps added on top of everything resident, plus its own resident state
+        peak_bytes[name] = max(peak_bytes[name], peak_memory(device) - resident + variant.resident_bytes())
+        return seconds
 
     compile_seconds = {name: run(name, args.warmup) for name in variants}
     seconds = {name: [] for name in variants}
@@ -143,6 +173,10 @@ def main() -> None:
 
     tokens_per_step = args.batch_size * cfg.context_length
     tokens_per_s = {name: tokens_per_step * args.steps / statistics.median(ts) for name, ts in seconds.items()}
+    flops = flops_per_token(cfg)
+    peak_tflops = args.peak_tflops or next(
+        (tflops for name, tflops in PEAK_BF16_TFLOPS.items() if name in device_name(device)), None)
+    mfu = {name: rate * flops / (peak_tflops * 1e12) for name, rate in tokens_per_s.items()} if peak_tflops else None
     loss_curves = {name: [float(loss) for loss in values] for name, values in losses.items()}
     ratios = {
         mode: tokens_per_s[f"fnlm {mode}"] / tokens_per_s[f"reference {mode}"]
@@ -163,12 +197,22 @@ def main() -> None:
         "rounds": args.rounds,
         "tokens_per_s": tokens_per_s,
         "ratio_fnlm_over_reference": ratios,
+        "flops_per_token": flops,
+        "flops_formula": "6 x matmul parameters (blocks and LM head) + 12 x layers x context x d_model",
+        "peak_bf16_tflops": peak_tflops,
+        "mfu": mfu,
+        "peak_memory_gib": {name: b / 2**30 for name, b in peak_bytes.items()} if device.type == "cuda" else None,
+        "warmup_steps": args.warmup,
         "warmup_seconds": compile_seconds,
         "final_loss": {name: curve[-1] for name, curve in loss_curves.items()},
         "loss_curves": loss_curves,
         "max_loss_gap_fnlm_eager_vs_compiled": max_gap(loss_curves, "fnlm eager", "fnlm compiled"),
+        "max_loss_gap_reference_eager_vs_compiled": max_gap(loss_curves, "reference eager", "reference compiled"),
         "max_loss_gap_fnlm_vs_reference": {
             mode: max_gap(loss_curves, f"fnlm {mode}", f"reference {mode}") for mode in ratios
+        },
+        "first_step_loss_gap_fnlm_vs_reference": {
+            mode: max_gap(loss_curves, f"fnlm {mode}", f"reference {mode}", steps=1) for mode in ratios
         },
     }
     report(result)
@@ -189,10 +233,36 @@ def make_batches(args, cfg: ModelConfig, device: torch.device) -> list[tuple[tor
     return [(w[:, :-1].to(device), w[:, 1:].to(device)) for w in windows]
 
 
-def max_gap(curves: dict[str, list[float]], a: str, b: str) -> float | None:
+def max_gap(curves: dict[str, list[float]], a: str, b: str, steps: int | None = None) -> float | None:
+    """The largest |loss a - loss b| over the first `steps` steps (all by default)."""
     if a not in curves or b not in curves:
         return None
-    return max(abs(x - y) for x, y in zip(curves[a], curves[b]))
+    return max(abs(x - y) for x, y in list(zip(curves[a], curves[b]))[:steps])
+
+
+def flops_per_token(cfg: ModelConfig) -> int:
+    """Training FLOPs per token: 6 x the matmul parameters + 12 L T d for attention (PaLM's count)."""
+    attention = 4 * cfg.d_model * cfg.d_model
+    ffn = (3 if cfg.ffn_type == "swiglu" else 2) * cfg.d_model * cfg.d_ff
+    matmul_params = cfg.num_layers * (attention + ffn) + cfg.vocab_size * cfg.d_model  # + the LM head
+    return 6 * matmul_params + 12 * cfg.num_layers * cfg.context_length * cfg.d_model
+
+
+def tree_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def memory_allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
 def report(result: dict) -> None:
@@ -200,14 +270,21 @@ def report(result: dict) -> None:
     print(f"{result['device']}, torch {result['torch']}, d_model {cfg['d_model']} x {cfg['num_layers']} layers, "
           f"vocab {cfg['vocab_size']}, context {cfg['context_length']}, batch {result['batch_size']}, "
           f"autocast {result['autocast']}; median of {result['rounds']} rounds x {result['steps_per_round']} steps")
+    if result["mfu"]:
+        print(f"  MFU: {result['flops_per_token']:,} FLOPs/token ({result['flops_formula']}) "
+              f"against {result['peak_bf16_tflops']:.0f} TFLOP/s dense bf16")
     for name, rate in result["tokens_per_s"].items():
-        print(f"  {name:20s} {rate:12,.0f} tokens/s   loss after {len(result['loss_curves'][name])} steps "
-              f"{result['final_loss'][name]:.4f}   warm-up {result['warmup_seconds'][name]:.1f} s")
+        mfu = f"   MFU {100 * result['mfu'][name]:4.1f}%" if result["mfu"] else ""
+        memory = f"   peak {result['peak_memory_gib'][name]:5.1f} GiB" if result["peak_memory_gib"] else ""
+        print(f"  {name:20s} {rate:12,.0f} tokens/s{mfu}   loss after {len(result['loss_curves'][name])} steps "
+              f"{result['final_loss'][name]:.4f}   warm-up {result['warmup_seconds'][name]:.1f} s{memory}")
     for mode, ratio in result["ratio_fnlm_over_reference"].items():
-        gap = result["max_loss_gap_fnlm_vs_reference"][mode]
-        print(f"  {mode}: fnlm / reference = {ratio:.3f}x tokens/s   (max loss gap {gap:.2e})")
-    if result["max_loss_gap_fnlm_eager_vs_compiled"] is not None:
-        print(f"  fnlm eager vs compiled: max loss gap {result['max_loss_gap_fnlm_eager_vs_compiled']:.2e}")
+        gap, first = result["max_loss_gap_fnlm_vs_reference"][mode], result["first_step_loss_gap_fnlm_vs_reference"][mode]
+        print(f"  {mode}: fnlm / reference = {ratio:.3f}x tokens/s   (loss gap: max {gap:.2e}, first step {first:.2e})")
+    for side in ("fnlm", "reference"):
+        gap = result[f"max_loss_gap_{side}_eager_vs_compiled"]
+        if gap is not None:
+            print(f"  {side} eager vs compiled: max loss gap {gap:.2e}")
 
 
 if __name__ == "__main__":
