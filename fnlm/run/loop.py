@@ -188,9 +188,9 @@ def _start(model_cfg, runs, generators, device, resume, reschedule, write) -> ru
     start = (run_state.resume(model_cfg, runs, generators, device, reschedule=reschedule) if resume
              else run_state.fresh(model_cfg, runs, device))
     if write:  # config.json says what the run is now: steps, an accepted new schedule
-        for run, changes in zip(runs, start.rescheduled):
+        for run, changes, died in zip(runs, start.rescheduled, start.diverged_at):
             save_run_config(run.dir, model_cfg, run.config)
-            if changes:
+            if changes and died is None:
                 RunLog(run.dir / LOG, keep_until=start.step).write(step=start.step, reschedule=changes)
     return start
 
