@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fnlm.decode import (
     KVCache,
     cached_lm,
+    draw_uniforms,
     empty_cache,
     generate,
     generate_steps,
@@ -20,6 +21,7 @@ from fnlm.decode import (
     prefill,
     sample_logits,
     sample_probs,
+    sample_uniform,
     temperature_probs,
     top_p_probs,
     window_start,
@@ -296,3 +298,20 @@ def test_the_streaming_entry_point_checks_its_arguments_before_the_first_step(pa
         generate_steps(params, TINY, [[1]], max_new_tokens=3, top_p=2.0, generator=generators(0))
     with pytest.raises(ValueError, match="prompt 0 must be a non-empty list"):
         generate_steps(params, TINY, [[]], max_new_tokens=3, temperature=0)
+
+
+# -- inverse-CDF draws -----------------------------------------------------------------------------
+
+
+def test_sample_uniform_skips_zero_mass_tokens_at_both_ends_of_the_uniforms():
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0], dtype=f64)
+    tiny, one = torch.tensor(1e-300, dtype=f64), torch.tensor(1.0, dtype=f64)
+    assert sample_uniform(probs, tiny) == 1 and sample_uniform(probs, one) == 3
+    assert sample_uniform(probs, torch.tensor(0.25, dtype=f64)) == 1  # the boundary belongs to the token below
+    assert sample_uniform(probs.expand(3, 5), torch.tensor([0.1, 0.3, 0.9], dtype=f64)).tolist() == [1, 3, 3]
+
+
+def test_draw_uniforms_are_each_prompts_own_stream_in_zero_one():
+    draws = draw_uniforms(generators(1, 2), 1000, "cpu")
+    assert draws.shape == (2, 1000) and bool((draws > 0).all() and (draws <= 1).all())
+    assert torch.equal(draws[1], draw_uniforms(generators(2), 1000, "cpu")[0])  # the batch does not matter
