@@ -95,10 +95,16 @@ def test_newton_schulz_in_bfloat16_stays_near_the_float64_result():
     assert off_diagonal.norm() / core.norm() < 0.06
 
 
+def test_newton_schulz_of_a_stack_is_each_matrix_alone():
+    stack = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = torch.stack([newton_schulz(matrix) for matrix in stack])
+    torch.testing.assert_close(newton_schulz(stack), expected, rtol=1e-12, atol=1e-14)
+
+
 def test_newton_schulz_of_zero_is_zero_and_rejects_non_matrices():
     assert newton_schulz(torch.zeros(4, 6)).abs().max() == 0
     with pytest.raises(ValueError, match="matrices"):
-        newton_schulz(torch.zeros(3, 4, 5))
+        newton_schulz(torch.zeros(5))
 
 
 def reference_muon(params, grads_per_step, *, lr, momentum, nesterov, weight_decay, ns_steps=5):
@@ -120,7 +126,8 @@ def reference_muon(params, grads_per_step, *, lr, momentum, nesterov, weight_dec
 def test_muon_matches_the_reference_in_float64(lr, momentum, nesterov, weight_decay, seed):
     generator = torch.Generator().manual_seed(seed)
     params = {"a": torch.randn(6, 4, generator=generator, dtype=torch.float64),
-              "b": torch.randn(3, 7, generator=generator, dtype=torch.float64)}
+              "b": torch.randn(3, 7, generator=generator, dtype=torch.float64),
+              "c": torch.randn(6, 4, generator=generator, dtype=torch.float64)}
     grads_per_step = [tree_map(lambda p: torch.randn(p.shape, generator=generator, dtype=p.dtype), params)
                       for _ in range(3)]
     optimizer = muon(lr, momentum, nesterov, weight_decay=weight_decay)
@@ -261,6 +268,7 @@ def test_warmup_stable_decay_is_continuous_bounded_and_non_increasing_after_warm
     values = [schedule_value(schedule, t) for t in range(total + 3)]
     assert all(max_lr * min_frac - 1e-12 <= v <= max_lr + 1e-12 for v in values[warmup:])
     assert all(later <= earlier + 1e-12 for earlier, later in zip(values[warmup:], values[warmup + 1:]))
-    # no jump larger than one step of the warm-up or of the cool-down slope
-    largest_step = max_lr / max(warmup, 1) + max_lr / max(1.0, fraction * total - 1) + 1e-12
+    # no jump larger than one step of the warm-up or of the cool-down slope (at least one step long)
+    cool_down = max(1.0, total - max(warmup, total - fraction * total))
+    largest_step = max_lr / max(warmup, 1) + max_lr / cool_down + 1e-9
     assert all(abs(b - a) <= largest_step for a, b in zip(values, values[1:]))

@@ -37,7 +37,7 @@ def newton_schulz(
     g: Tensor, steps: int = 5, *, dtype: torch.dtype | None = None,
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
 ) -> Tensor:
-    """g (m, n) -> an approximate polar factor U V^T of g, in g's dtype.
+    """g (..., m, n) -> an approximate polar factor U V^T of each matrix of g, in g's dtype.
 
     X <- g / |g|_F (all singular values in (0, 1]), then `steps` times X <- a X + (b A + c A^2) X
     with A = X X^T. Iterated on the wide orientation (X X^T is min(m, n) square) in `dtype`;
@@ -45,18 +45,18 @@ def newton_schulz(
     g's own dtype elsewhere, so a float64 input is a float64 computation. No branch on values:
     vmap-safe.
     """
-    if g.ndim != 2:
+    if g.ndim < 2:
         raise ValueError(f"newton_schulz orthogonalizes matrices, got a tensor of shape {tuple(g.shape)}")
     a, b, c = coefficients
-    tall = g.shape[0] > g.shape[1]
-    x = g.mT if tall else g  # (min, max)
+    tall = g.shape[-2] > g.shape[-1]
+    x = g.mT if tall else g  # (..., min, max)
     if dtype is None:
         dtype = torch.bfloat16 if x.device.type == "cuda" else x.dtype
     x = x.to(dtype)
-    norm = torch.linalg.matrix_norm(x, dtype=torch.promote_types(x.dtype, torch.float32))  # bf16 sums lose digits
+    norm = torch.linalg.matrix_norm(x, dtype=torch.promote_types(x.dtype, torch.float32), keepdim=True)  # bf16 sums lose digits
     x = x / (norm.to(x.dtype) + NS_EPS)
     for _ in range(steps):
-        gram = x @ x.mT  # (min, min)
+        gram = x @ x.mT  # (..., min, min)
         x = a * x + (b * gram + c * (gram @ gram)) @ x
     return (x.mT if tall else x).to(g.dtype)
 
@@ -100,6 +100,8 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
         grads, structure = tree_flatten(updates)
         mu = foreach("lerp", tree_leaves(state.mu), grads, 1 - momentum)
         directions = foreach("lerp", grads, mu, momentum) if nesterov else mu
+        # One iteration per matrix: stacking same-shape matrices into one batched iteration was
+        # 1.3x slower on the CPU (the copies); its fewer GPU launches are unmeasured.
         orthogonal = [newton_schulz(d, ns_steps) * muon_scale(d.shape) for d in directions]
         return tree_unflatten(structure, orthogonal), ScaleByMuonState(state.count + 1, tree_unflatten(structure, mu))
 
