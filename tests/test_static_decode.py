@@ -9,7 +9,7 @@ import torch
 
 from fnlm.decode import generate, generate_steps
 from fnlm.model import init_params, transformer_lm
-from fnlm.static_cache import append_to_cache, static_lm_step, static_prefill, static_step
+from fnlm.static_cache import append_to_cache, decode_token_fn, static_lm_step, static_prefill, static_step
 from tests.test_model import ABLATIONS, TINY
 
 f64 = torch.float64
@@ -101,6 +101,17 @@ def test_static_cache_needs_a_cache_and_zero_tokens_is_empty(params):
     with pytest.raises(ValueError, match="need use_cache=True"):
         generate(params, TINY, [1], max_new_tokens=3, temperature=0, use_cache=False, static_cache=True)
     assert generate(params, TINY, [[1], [2]], max_new_tokens=0, temperature=0, static_cache=True) == [[], []]
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(0, 1.0), (0.8, 0.9)])
+def test_the_per_token_program_traces_as_one_graph(params, temperature, top_p):
+    """No graph breaks: torch.compile gets the step and the sampler as one program."""
+    _, cache = static_prefill(params, TINY, RAGGED)
+    uniforms = None if temperature == 0 else torch.rand(len(RAGGED), 5)
+    decode_token = decode_token_fn(TINY, temperature, top_p)
+    explanation = torch._dynamo.explain(decode_token)(params, cache, torch.tensor([1, 2, 3, 4]), uniforms,
+                                                      torch.tensor(2))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
 
 
 @pytest.mark.slow
