@@ -136,20 +136,17 @@ if triton is not None:
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        unmasked_end = 0  # key blocks left of the diagonal block see every key: no mask there
         if EVEN:
-            for start_n in range(0, block_m * BLOCK_M, BLOCK_N):
-                row_max, row_sum, acc = _forward_block(
-                    q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t, rows, dims, seq_len, start_n, row_max, row_sum,
-                                                       acc, log2_scale, BLOCK_N, False)
-            for start_n in range(block_m * BLOCK_M, (block_m + 1) * BLOCK_M, BLOCK_N):
-                row_max, row_sum, acc = _forward_block(
-                    q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t, rows, dims, seq_len, start_n, row_max, row_sum,
-                                                       acc, log2_scale, BLOCK_N, True)
-        else:
-            for start_n in range(0, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
-                row_max, row_sum, acc = _forward_block(
-                    q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t, rows, dims, seq_len, start_n, row_max, row_sum,
-                                                       acc, log2_scale, BLOCK_N, True)
+            unmasked_end = block_m * BLOCK_M
+        for start_n in range(0, unmasked_end, BLOCK_N):
+            row_max, row_sum, acc = _forward_block(
+                q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
+                rows, dims, seq_len, start_n, row_max, row_sum, acc, log2_scale, BLOCK_N, False)
+        for start_n in range(unmasked_end, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
+            row_max, row_sum, acc = _forward_block(
+                q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
+                rows, dims, seq_len, start_n, row_max, row_sum, acc, log2_scale, BLOCK_N, True)
         row_ok = rows < seq_len
         o_offsets = bh * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
         tl.store(O + o_offsets, (acc / row_sum[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])

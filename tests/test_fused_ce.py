@@ -88,8 +88,24 @@ def test_the_training_loss_is_cross_entropy_of_the_models_logits(switches):
     params = init_params(cfg, seed=1, dtype=torch.float64)
     ids = torch.randint(0, 37, (3, 8), generator=torch.Generator().manual_seed(0))
     targets = ids.roll(-1, dims=1)
-    want_grads, want = torch.func.grad_and_value(lambda p: fnn.cross_entropy(transformer_lm(p, ids, cfg), targets))(params)
+    plain_loss = lambda p: fnn.cross_entropy(transformer_lm(p, ids, cfg), targets)  # noqa: E731
+    want_grads, want = torch.func.grad_and_value(plain_loss)(params)
     got_grads, got = torch.func.grad_and_value(make_loss_fn(cfg))(params, ids, targets)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got_grads, want_grads, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(lm_loss(params, ids, targets, cfg), want, rtol=1e-12, atol=1e-12)
+
+
+def test_gpt2_vocabulary_under_bfloat16_autocast_matches_float64():
+    """Issue 12's candidate for the GPT-2-shape loss gap: the loss and its gradients at V = 50257
+    with bfloat16 matmuls stay within bfloat16 rounding of the float64 definition."""
+    weight, x, targets = problem(rows=(2, 32), vocab=50_257, dim=16, dtype=torch.float32, seed=3)
+    weight = weight * 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_grads, got = torch.func.grad_and_value(
+            lambda w, h: linear_cross_entropy(w, h, targets), argnums=(0, 1))(weight, x)
+    want_grads, want = torch.func.grad_and_value(
+        lambda w, h: plain(w, h, targets), argnums=(0, 1))(weight.double(), x.double())
+    assert abs(got.item() - want.item()) < 2e-3 * want.item()
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-2 * w.abs().max().item())
