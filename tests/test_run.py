@@ -127,10 +127,11 @@ def test_a_run_folder_is_locked_while_a_run_trains_in_it(tmp_path, token_files):
 
 
 def test_a_second_process_into_the_same_out_fails_at_once(tmp_path, token_files):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from fnlm.run.folder import locked\n"
-        f"with locked([Path({str(tmp_path / 'run')!r})]):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (  # another process, holding the lock as fnlm.run.folder does
+        "import fcntl, time\n"
+        f"lock = open({str(tmp_path / 'run' / '.lock')!r}, 'a+'); fcntl.flock(lock, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         assert main(cli(tmp_path / "run", token_files, "--steps", "2")) == 1
