@@ -200,7 +200,8 @@ def test_fnlm_train_sweep_cli_with_a_joint_axis_then_generate(tmp_path, token_fi
     assert saved["stream"] == "same" and list(saved["runs"]) == [
         "lr=0.001_min_lr=0.0001_seed=0", "lr=0.001_min_lr=0.0001_seed=1",
         "lr=0.003_min_lr=0.0003_seed=0", "lr=0.003_min_lr=0.0003_seed=1"]
-    assert "would change it" in cli_error(common + ["--resume", "--lr", "0.1"], capsys)
+    assert "would change what the run computes (weight_decay 0.1 -> 0.5)" in cli_error(
+        common + ["--resume", "--weight-decay", "0.5"], capsys)
     assert "continues the saved sweep" in cli_error(common + ["--resume", "--sweep", "lr=1e-3"], capsys)
     assert "--reschedule" in cli_error(common + ["--resume", "--steps", "4"], capsys)
     assert main(common + ["--resume", "--steps", "4", "--reschedule"]) == 0  # accepted, and recorded:

@@ -120,7 +120,11 @@ def test_cli_reads_a_toml_config_with_flag_overrides_and_guards_resume(tmp_path,
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["model"] == TINY.to_dict()
     assert (saved["train"]["batch_size"], saved["train"]["lr"], saved["train"]["max_grad_norm"]) == (2, 1e-3, None)
-    assert "would change it: ['--lr']" in cli_error(common + ["--resume", "--lr", "0.1"], capsys)
+    assert "change the learning-rate schedule (lr 0.001 -> 0.1): pass --reschedule" in cli_error(
+        common + ["--resume", "--lr", "0.1"], capsys)
+    assert "would change what the run computes (batch_size 2 -> 4)" in cli_error(
+        common + ["--resume", "--batch-size", "4"], capsys)
+    assert "would change it: ['--d-model']" in cli_error(common + ["--resume", "--d-model", "64"], capsys)
     # steps is a runtime setting, but with the default cosine length it would stretch the schedule
     assert "pass --cosine-steps 3 to keep the schedule, or --reschedule" in cli_error(
         common + ["--resume", "--steps", "5"], capsys)

@@ -36,11 +36,6 @@ from typing import Any
 
 from ..config import ModelConfig, TrainConfig
 
-RUNTIME_FIELDS = frozenset(
-    {"device", "compile", "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"}
-)
-# changed on resume only with --reschedule (fnlm.run.state.schedule_change)
-SCHEDULE_FIELDS = frozenset({"lr", "min_lr", "warmup_steps", "cosine_steps", "schedule", "decay_fraction", "muon_lr"})
 DATA_FIELDS = ("train_data", "val_data")
 
 HELP = {  # one line per config field; the default (or "required") is added from the dataclass
@@ -135,7 +130,7 @@ def run_train(args: argparse.Namespace) -> int:
             model_cfg, train_cfg, *saved = load_sweep_config(args.out)
         else:
             model_cfg, train_cfg = load_run_config(args.out)
-        train_cfg = _resume_overrides(model_cfg, train_cfg, flags, reschedule)
+        train_cfg = _resume_overrides(model_cfg, train_cfg, flags)
     else:
         model_cfg, train_cfg = _new_configs(getattr(args, "config", None), flags)
     sweep = _sweep_request(args)
@@ -245,29 +240,16 @@ def _read_config_file(path: Path) -> dict[str, dict[str, Any]]:
     return tables
 
 
-def _resume_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig, flags: dict[str, dict],
-                      reschedule: bool) -> TrainConfig:
-    """The saved TrainConfig with the flags that may change on resume applied: runtime settings,
-    a schedule with --reschedule, --cosine-steps equal to the saved schedule's length, and data
-    for a folder that has none (an imported model). Any other change is an error."""
-    saved = {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}
-    allowed = RUNTIME_FIELDS | (SCHEDULE_FIELDS if reschedule else frozenset())
-
-    def may_change(section: str, name: str, value: Any) -> bool:
-        if section != "train":
-            return False
-        return (name in allowed or (name == "cosine_steps" and value == train_cfg.decay_steps)
-                or (name in DATA_FIELDS and not saved["train"][name]))
-
-    changes = {name: value for name, value in flags["train"].items() if value != saved["train"][name]}
-    refused = sorted(_flag(name) for section, values in flags.items()
-                     for name, value in values.items()
-                     if value != saved[section][name] and not may_change(section, name, value))
+def _resume_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig, flags: dict[str, dict]) -> TrainConfig:
+    """The saved TrainConfig with the train flags applied; the run layer refuses any change but
+    a runtime setting or, with --reschedule, the schedule (fnlm.run.state.schedule_change).
+    The model is the saved one: a model flag that differs is an error here."""
+    saved = model_cfg.to_dict()
+    refused = sorted(_flag(name) for name, value in flags["model"].items() if value != saved[name])
     if refused:
-        hint = " (a new schedule needs --reschedule)" if set(refused) & {_flag(n) for n in SCHEDULE_FIELDS} else ""
-        raise ValueError(f"--resume continues the saved configuration; these flags would change it: {refused}{hint}")
+        raise ValueError(f"--resume continues the saved model; these flags would change it: {refused}")
     try:
-        return dataclasses.replace(train_cfg, **changes)
+        return dataclasses.replace(train_cfg, **flags["train"])
     except ValueError as error:
         raise ValueError(_flag_names(str(error))) from None
 

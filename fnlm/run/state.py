@@ -7,6 +7,8 @@ one record of which runs stopped where. A single run is K = 1 with plain trees.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,14 @@ from ..tree import PyTree, unflatten
 from .folder import CHECKPOINTS, latest_checkpoint
 
 NOT_DIVERGED = -1
+# What may differ between a run and its checkpoint's train config on resume: how the run
+# proceeds (freely), its learning-rate schedule (decay_steps: cosine_steps or else steps) only
+# when the caller accepts it; anything else would change what the run computes.
+RUNTIME_FIELDS = frozenset(
+    {"device", "compile", "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"}
+)
+SCHEDULE_FIELDS = ("lr", "min_lr", "warmup_steps", "decay_steps", "schedule", "decay_fraction", "muon_lr")
+DATA_FIELDS = ("train_data", "val_data")
 
 
 class Run(NamedTuple):
@@ -108,23 +118,41 @@ def resume(model_cfg: ModelConfig, runs: Sequence[Run], generators: list[torch.G
 
 
 def schedule_change(saved: dict | None, run: Run, reschedule: bool) -> dict[str, list]:
-    """{field: [old, new]} for the schedule numbers in which `run.config` differs from the
-    checkpoint's train config; a ValueError saying how to continue unless `reschedule`."""
-    if saved is None:
+    """What resuming `run` changes against its checkpoint's train config `saved`: {field: [old,
+    new]} of its learning-rate schedule, accepted only with `reschedule`. Runtime settings may
+    change freely; any other setting (what the run computes) is refused, as is a schedule change
+    without `reschedule`, with a ValueError saying how to continue."""
+    if saved is None:  # an imported model: any schedule from step 0
         return {}
     old, new = TrainConfig.from_dict(saved), run.config
-    names = ("lr", "min_lr", "warmup_steps", "decay_steps", "schedule", "decay_fraction", "muon_lr")
-    changes = {name: [getattr(old, name), getattr(new, name)] for name in names
+    where = f"{run.dir}: " if run.name else ""
+    fixed = [field.name for field in dataclasses.fields(TrainConfig)
+             if field.name not in RUNTIME_FIELDS.union(SCHEDULE_FIELDS, {"cosine_steps"})
+             and not (field.name in DATA_FIELDS and not getattr(old, field.name))]  # data for an import
+    changed = {name: [getattr(old, name), getattr(new, name)] for name in fixed
+               if _setting(old, name) != _setting(new, name)}
+    if changed:
+        raise ValueError(f"{where}resuming would change what the run computes ({_described(changed)}); "
+                         f"only {', '.join(sorted(RUNTIME_FIELDS))} may change, and the schedule with --reschedule")
+    changes = {name: [getattr(old, name), getattr(new, name)] for name in SCHEDULE_FIELDS
                if getattr(old, name) != getattr(new, name)}
     if not changes or reschedule:
         return changes
-    where = f"{run.dir}: " if run.name else ""
     if list(changes) == ["decay_steps"] and old.cosine_steps is None and new.cosine_steps is None:
         raise ValueError(
             f"{where}resuming with steps={new.steps} would stretch the cosine schedule from {old.decay_steps} "
             f"to {new.decay_steps} steps (cosine_steps defaults to steps), so the learning rate would jump: "
             f"pass --cosine-steps {old.decay_steps} to keep the schedule, or --reschedule to accept the new one"
         )
-    described = ", ".join(f"{name} {a} -> {b}" for name, (a, b) in changes.items())
-    raise ValueError(f"{where}resuming would change the learning-rate schedule ({described}): "
+    raise ValueError(f"{where}resuming would change the learning-rate schedule ({_described(changes)}): "
                      "pass --reschedule to accept the change")
+
+
+def _setting(cfg: TrainConfig, name: str) -> object:
+    """A setting as it acts: a data path as the absolute path it names."""
+    value = getattr(cfg, name)
+    return os.path.abspath(value) if name in DATA_FIELDS and value else value
+
+
+def _described(changes: dict[str, list]) -> str:
+    return ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items())
