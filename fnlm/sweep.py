@@ -9,8 +9,8 @@ axis and trained together by one torch.func.vmap'd step on one device.
 
 Per-run numbers enter the step as tensors (`hparams`), never as Python floats baked into the
 optimizer, so one program (and one compilation) serves every run; each run's optimizer is
-fnlm.train.make_optimizer(train_cfg, **its hparams), the single run's own. A batch is shared by all runs
-(x (B, T)) or per run (x (K, B, T)). A run whose loss or gradient norm turns NaN/inf keeps its
+fnlm.train.make_optimizer(train_cfg, **its hparams), the single run's own. A batch is shared
+by all runs (x (B, T)) or per run (x (K, B, T)). A run whose loss or gradient norm turns NaN/inf keeps its
 last finite parameters and optimizer state (a select, not a Python branch) and stays frozen;
 the others go on. fnlm.run runs a grid of such runs with logs and checkpoints
 (`fnlm train --sweep`) in the same loop as a single run.
@@ -75,8 +75,8 @@ def make_sweep_step(
 
     params and opt_state are stacked trees (leaves (K, ...)); hparams {name: (K,) tensor} holds
     the per-run numbers (fnlm.train.TENSOR_HPARAMS) that replace train_cfg's in each run's
-    optimizer and schedule; alive (K,) bool. x, y are (B, T) for every run when shared_batch, else (K, B, T). Each
-    run takes fnlm.train's step; where alive is False or the step's loss or gradient norm is not
+    optimizer and schedule; alive (K,) bool. x, y are (B, T) for every run when shared_batch,
+    else (K, B, T). Each run takes fnlm.train's step; where alive is False or the step's loss or gradient norm is not
     finite (or the update overflows the parameters), the run keeps its parameters and optimizer
     state, and alive turns False for good.
     compile=True torch.compile's the vmapped function as a whole.
