@@ -2,7 +2,12 @@
 
 A flat view joins paths with dots ("layers.0.attn.q_proj.weight"); that flat dict IS a
 PyTorch state dict, and `flatten` / `unflatten` are the single bridge between the two.
-optree sorts dict keys when flattening; never zip leaves of two flatteners, match by path.
+
+Two flatteners: optree in eager code, and torch.utils._pytree while torch.compile traces (dynamo
+captures its pure-Python flattening several times faster than optree's; a 12-layer step's
+capture is mostly pytree work). They order dict keys differently (optree sorts, torch keeps
+insertion order), so never zip leaves of two trees by position: take the second tree's leaves
+in the first one's order with `leaves_like`, or match by path.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 import optree
 import torch
+import torch.utils._pytree as torch_pytree
 
 PyTree = Any  # nested dicts / lists / tuples / NamedTuples with tensor (or spec) leaves
 
@@ -21,6 +27,7 @@ __all__ = [
     "flatten",
     "foreach",
     "global_norm",
+    "leaves_like",
     "tree_flatten",
     "tree_leaves",
     "tree_map",
@@ -31,9 +38,14 @@ __all__ = [
 ]
 
 
+def _flattener() -> Any:
+    """torch's pytree while dynamo traces (torch.compile), optree otherwise: same API for what we use."""
+    return torch_pytree if torch.compiler.is_compiling() else optree
+
+
 def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
-    """Apply `fn` leafwise over `tree` and trees of the same structure."""
-    return optree.tree_map(fn, tree, *rest)
+    """Apply `fn` leafwise over `tree` and trees of the same structure (matched by key, not position)."""
+    return _flattener().tree_map(fn, tree, *rest)
 
 
 def tree_map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
@@ -42,17 +54,27 @@ def tree_map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> P
 
 
 def tree_leaves(tree: PyTree) -> list[Any]:
-    return optree.tree_leaves(tree)
+    """The leaves in the flattener's order: zip them with another tree's only through `leaves_like`."""
+    return _flattener().tree_leaves(tree)
 
 
 def tree_flatten(tree: PyTree) -> tuple[list[Any], Any]:
     """(leaves, structure): for list-at-a-time (torch._foreach_*) work over a tree's leaves."""
-    return optree.tree_flatten(tree)
+    return _flattener().tree_flatten(tree)
+
+
+def leaves_like(structure: Any, tree: PyTree) -> list[Any]:
+    """`tree`'s leaves in the order of `structure` (from tree_flatten of a tree shaped like it),
+    matched by key: the way to zip two trees' leaves, whatever their dicts' insertion order.
+    A ValueError if the structures differ."""
+    return structure.flatten_up_to(tree)
 
 
 def tree_unflatten(structure: Any, leaves: list[Any]) -> PyTree:
-    """The inverse of `tree_flatten`."""
-    return optree.tree_unflatten(structure, leaves)
+    """The inverse of `tree_flatten` (either flattener's structure)."""
+    if isinstance(structure, optree.PyTreeSpec):
+        return optree.tree_unflatten(structure, leaves)
+    return torch_pytree.tree_unflatten(leaves, structure)
 
 
 def flatten(tree: PyTree) -> dict[str, Any]:

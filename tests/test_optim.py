@@ -77,6 +77,49 @@ def test_adamw_matches_torch_adamw_in_float64(lr, b1, b2, eps, weight_decay, cli
         torch.testing.assert_close(leaf, expected[key], rtol=1e-10, atol=1e-12, msg=key)
 
 
+@given(
+    st.sampled_from([None, 0.5]),
+    st.sampled_from([0.0, 0.1]),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_fused_adamw_equals_the_chain_bit_for_bit(clip, weight_decay, scheduled, tensor_hparams, seed):
+    """adamw's fused update (leaves flattened once) runs the chain's arithmetic: same state, same bits."""
+    generator = torch.Generator().manual_seed(seed)
+    params = random_tree(generator, dtype=torch.float32)
+    lr = warmup_cosine_schedule(1e-2, 1e-3, 2, 5) if scheduled else 1e-2
+    if tensor_hparams:  # a sweep's per-run values (fnlm.sweep)
+        clip = None if clip is None else torch.tensor(clip)
+        weight_decay, lr = torch.tensor(weight_decay), lr if scheduled else torch.tensor(lr)
+    runs = [
+        fnlm_run(adamw(lr, 0.9, 0.95, 1e-8, weight_decay, max_grad_norm=clip, fused=fused), params,
+                 [random_tree(torch.Generator().manual_seed(seed + i), dtype=torch.float32, scale=3.0) for i in range(4)])
+        for fused in (True, False)
+    ]
+    (fused_params, fused_state), (chain_params, chain_state) = runs
+    assert flatten(fused_state).keys() == flatten(chain_state).keys()
+    for got, want in ((fused_params, chain_params), (fused_state, chain_state)):
+        for key, leaf in flatten(got).items():
+            assert torch.equal(leaf, flatten(want)[key]), key
+
+
+def test_optimizer_zips_leaves_by_key_whatever_the_dict_order(monkeypatch):
+    """Under torch.compile the trees flatten in dict insertion order (fnlm.tree): a state whose dicts
+    were built in another order (a checkpoint's, a partition's groups) must still pair by key."""
+    params = {"b": torch.ones(3), "a": torch.full((3,), 2.0)}
+    grads = {"b": torch.tensor([1.0, -2.0, 3.0]), "a": torch.tensor([0.5, 0.25, -4.0])}
+    for fused in (True, False):
+        optimizer = adamw(0.1, weight_decay=0.1, max_grad_norm=1.0, fused=fused)
+        reordered = {key: grads[key] * -2 for key in ("a", "b")}
+        _, state = optimizer.update(reordered, optimizer.init(reordered), reordered)  # moments in a, b order
+        want = apply_updates(params, optimizer.update(grads, state, params)[0])  # optree: sorted keys
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.compiler, "is_compiling", lambda: True)  # fnlm.tree's flattener under dynamo
+            got = apply_updates(params, optimizer.update(grads, state, params)[0])
+        torch.testing.assert_close(got, want)
+
+
 def _cs336_optimize(opt_class) -> torch.Tensor:
     """CS336's tests/test_optimizer.py::_optimize."""
     torch.manual_seed(42)

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..tree import PyTree
-from .base import GradientTransformation, chain
+from ..tree import PyTree, foreach, global_norm, leaves_like, tree_flatten, tree_unflatten
+from .base import GradientTransformation, OptState, chain, hyperparameter
 from .schedules import Schedule
-from .transforms import add_decayed_weights, clip_by_global_norm, scale_by_adam, scale_by_learning_rate
+from .transforms import (
+    ClipByGlobalNormState,
+    ScaleByAdamState,
+    ScaleByScheduleState,
+    adam_directions,
+    add_decayed_weights,
+    clip_by_global_norm,
+    clip_factor,
+    decay_leaves,
+    scale_by_adam,
+    scale_by_learning_rate,
+)
 
 
 def adamw(
@@ -19,6 +30,7 @@ def adamw(
     *,
     mask: PyTree | Callable[[PyTree], PyTree] | None = None,
     max_grad_norm: float | None = None,
+    fused: bool = True,
 ) -> GradientTransformation:
     """AdamW (Loshchilov and Hutter, algorithm 2) as a chain, optionally after global-norm clipping:
 
@@ -27,6 +39,12 @@ def adamw(
 
     which is PyTorch's AdamW step. The decay uses the parameters before the step, and is
     scaled by the (scheduled) learning rate, as in torch and optax.
+
+    fused (without a mask): the chain's init and state, and an update that runs the chain's
+    arithmetic on the trees' leaves flattened once, the same foreach ops in the same order
+    (equal to the chain's update bit for bit in eager mode). A chain flattens and rebuilds every
+    tree at each of its transforms; under torch.compile that pytree work was most of the step's
+    graph-capture time.
     """
     transforms = [
         scale_by_adam(b1, b2, eps),
@@ -35,4 +53,48 @@ def adamw(
     ]
     if max_grad_norm is not None:
         transforms.insert(0, clip_by_global_norm(max_grad_norm))
-    return chain(*transforms)
+    chained = chain(*transforms)
+    if not fused or mask is not None:
+        return chained
+    return GradientTransformation(chained.init, _fused_update(learning_rate, b1, b2, eps, weight_decay, max_grad_norm))
+
+
+def _fused_update(learning_rate, b1, b2, eps, weight_decay, max_grad_norm) -> Callable:
+    """The update of adamw's chain (clip?, scale_by_adam, add_decayed_weights, scale_by_learning_rate)
+    on leaf lists; the arguments were validated by the chain's transforms."""
+
+    def number(name: str, value):  # as the transforms hold it: a float (or a sweep's 0-d tensor)
+        return value if value is None or callable(value) else hyperparameter(name, value, "", lambda v: True, tensor_ok=True)
+
+    b1, b2, eps, weight_decay, max_grad_norm, learning_rate = (
+        number(name, value) for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("weight_decay", weight_decay),
+                                                ("max_grad_norm", max_grad_norm), ("learning_rate", learning_rate))
+    )
+    size = 3 if max_grad_norm is None else 4
+
+    def update(updates: PyTree, state: tuple[OptState, ...], params: PyTree | None = None):
+        if params is None:
+            raise ValueError("adamw needs params (for the weight decay): call update(updates, state, params)")
+        if len(state) != size:
+            raise ValueError(f"chain of {size} transformations got a state of {len(state)}")
+        *clip_state, adam, decay_state, lr_state = state
+        grads, structure = tree_flatten(updates)
+        if max_grad_norm is not None:
+            norm = global_norm(grads)
+            grads = foreach("mul", grads, clip_factor(norm, max_grad_norm))
+            clip_state = [ClipByGlobalNormState(norm.float())]
+        count = adam.count + 1
+        mu, nu = leaves_like(structure, adam.mu), leaves_like(structure, adam.nu)
+        directions, mu, nu = adam_directions(grads, mu, nu, count, b1, b2, eps)
+        if not (isinstance(weight_decay, float) and weight_decay == 0):
+            directions = decay_leaves(directions, leaves_like(structure, params), weight_decay)
+        if callable(learning_rate):
+            neg_lr = -learning_rate(lr_state.count)
+            lr_state = ScaleByScheduleState(lr_state.count + 1)
+        else:
+            neg_lr = -learning_rate
+        steps = foreach("mul", directions, neg_lr)
+        adam = ScaleByAdamState(count, tree_unflatten(structure, mu), tree_unflatten(structure, nu))
+        return tree_unflatten(structure, steps), (*clip_state, adam, decay_state, lr_state)
+
+    return update

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, flatten, foreach, tree_flatten, tree_leaves, tree_unflatten, unflatten
+from ..tree import PyTree, flatten, foreach, leaves_like, tree_flatten, tree_leaves, tree_unflatten, unflatten
 
 OptState = Any  # a NamedTuple, or a tuple of them for a chain
 
@@ -106,7 +106,7 @@ def partition(
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """params + updates, leafwise, out of place."""
     leaves, structure = tree_flatten(params)
-    return tree_unflatten(structure, foreach("add", leaves, tree_leaves(updates)))
+    return tree_unflatten(structure, foreach("add", leaves, leaves_like(structure, updates)))
 
 
 def find_state(state: OptState, kind: type) -> Any | None:

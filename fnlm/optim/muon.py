@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, foreach, tree_flatten, tree_leaves, tree_map_with_path, tree_unflatten, zeros_like
+from ..tree import PyTree, foreach, leaves_like, tree_flatten, tree_map_with_path, tree_unflatten, zeros_like
 from .base import GradientTransformation, chain, hyperparameter, partition, zero_count
 from .schedules import Schedule
 from .transforms import add_decayed_weights, clip_by_global_norm, scale_by_adam, scale_by_learning_rate
@@ -98,7 +98,7 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
 
     def update(updates: PyTree, state: ScaleByMuonState, params: PyTree | None = None):
         grads, structure = tree_flatten(updates)
-        mu = foreach("lerp", tree_leaves(state.mu), grads, 1 - momentum)
+        mu = foreach("lerp", leaves_like(structure, state.mu), grads, 1 - momentum)
         directions = foreach("lerp", grads, mu, momentum) if nesterov else mu
         # One iteration per matrix: stacking same-shape matrices into one batched iteration was
         # 1.3x slower on the CPU (the copies); its fewer GPU launches are unmeasured.

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, foreach, global_norm, tree_flatten, tree_leaves, tree_unflatten, zeros_like
+from ..tree import PyTree, foreach, global_norm, leaves_like, tree_flatten, tree_unflatten, zeros_like
 from .base import EmptyState, GradientTransformation, hyperparameter, map_leaves, zero_count
 from .schedules import Schedule
 
@@ -73,23 +73,30 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
 
     def update(updates: PyTree, state: ScaleByAdamState, params: PyTree | None = None):
         grads, structure = tree_flatten(updates)
-        mu = foreach("lerp", tree_leaves(state.mu), grads, 1 - b1)
-        nu = foreach("mul", tree_leaves(state.nu), b2)
-        foreach("addcmul_", nu, grads, grads, value=1 - b2)
-        count = state.count + 1
-        dtype = functools.reduce(torch.promote_types, (m.dtype for m in mu), torch.float32)
-        correction1, correction2 = (_bias_correction(b, count, dtype) for b in (b1, b2))
-        # (m / c1) / (sqrt(v / c2) + eps). Tensor scalars only multiply: dynamo turns a foreach
-        # add of a tensor scalar into .item(), a graph break.
-        denom = foreach("sqrt", nu)
-        foreach("mul_", denom, correction2.rsqrt())
-        foreach("add_", denom, eps)
-        foreach("mul_", denom, correction1)
-        directions = foreach("div", mu, denom)
-        new_state = ScaleByAdamState(count, tree_unflatten(structure, mu), tree_unflatten(structure, nu))
+        mu, nu = leaves_like(structure, state.mu), leaves_like(structure, state.nu)
+        directions, mu, nu = adam_directions(grads, mu, nu, state.count + 1, b1, b2, eps)
+        new_state = ScaleByAdamState(state.count + 1, tree_unflatten(structure, mu), tree_unflatten(structure, nu))
         return tree_unflatten(structure, directions), new_state
 
     return GradientTransformation(init, update)
+
+
+def adam_directions(
+    grads: list[Tensor], mu: list[Tensor], nu: list[Tensor], count: Tensor, b1: float, b2: float, eps: float
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(m_hat / (sqrt(v_hat) + eps), new mu, new nu) for lists of leaves; count is the new step (1 first)."""
+    mu = foreach("lerp", mu, grads, 1 - b1)
+    nu = foreach("mul", nu, b2)
+    foreach("addcmul_", nu, grads, grads, value=1 - b2)
+    dtype = functools.reduce(torch.promote_types, (m.dtype for m in mu), torch.float32)
+    correction1, correction2 = (_bias_correction(b, count, dtype) for b in (b1, b2))
+    # (m / c1) / (sqrt(v / c2) + eps). Tensor scalars only multiply: dynamo turns a foreach
+    # add of a tensor scalar into .item(), a graph break.
+    denom = foreach("sqrt", nu)
+    foreach("mul_", denom, correction2.rsqrt())
+    foreach("add_", denom, eps)
+    foreach("mul_", denom, correction1)
+    return foreach("div", mu, denom), mu, nu
 
 
 def _bias_correction(decay: float, count: Tensor, dtype: torch.dtype) -> Tensor:
@@ -113,21 +120,31 @@ def add_decayed_weights(
         if isinstance(weight_decay, float) and weight_decay == 0:
             return updates, state
         leaves, structure = tree_flatten(updates)
-        param_leaves = tree_leaves(params)
-        decays = [True] * len(leaves) if mask is None else tree_leaves(mask(params) if callable(mask) else mask)
+        param_leaves = leaves_like(structure, params)
+        decays = [True] * len(leaves) if mask is None else _mask_leaves(structure, mask(params) if callable(mask) else mask)
         if len(decays) != len(leaves) or not all(isinstance(d, bool) for d in decays):
             raise ValueError(f"mask must be a tree of {len(leaves)} bools shaped like params")
         chosen = [i for i, decays_leaf in enumerate(decays) if decays_leaf]
-        chosen_params = [param_leaves[i] for i in chosen]
-        if isinstance(weight_decay, Tensor):  # foreach alphas are Python numbers; tensor scalars multiply
-            decayed = foreach("add", [leaves[i] for i in chosen], foreach("mul", chosen_params, weight_decay))
-        else:
-            decayed = foreach("add", [leaves[i] for i in chosen], chosen_params, alpha=weight_decay)
+        decayed = decay_leaves([leaves[i] for i in chosen], [param_leaves[i] for i in chosen], weight_decay)
         for i, leaf in zip(chosen, decayed):
             leaves[i] = leaf
         return tree_unflatten(structure, leaves), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
+
+
+def decay_leaves(leaves: list[Tensor], params: list[Tensor], weight_decay: float | Tensor) -> list[Tensor]:
+    """leaves + weight_decay * params, list by list."""
+    if isinstance(weight_decay, Tensor):  # foreach alphas are Python numbers; tensor scalars multiply
+        return foreach("add", leaves, foreach("mul", params, weight_decay))
+    return foreach("add", leaves, params, alpha=weight_decay)
+
+
+def _mask_leaves(structure, mask: PyTree) -> list:
+    try:
+        return leaves_like(structure, mask)
+    except ValueError as error:
+        raise ValueError(f"mask must be a tree of {structure.num_leaves} bools shaped like params: {error}") from None
 
 
 class ScaleByScheduleState(NamedTuple):
