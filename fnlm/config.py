@@ -126,7 +126,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"
     autocast: str = "none"  # "bfloat16": autocast the forward on CUDA / CPU
-    compile: bool = False
+    compile: bool | None = None  # None (auto): compile on CUDA, eager elsewhere (TrainConfig.compiles)
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "steps", "log_every", "keep_checkpoints")
@@ -151,8 +151,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"TrainConfig.autocast must be one of {AUTOCAST_DTYPES}, got {self.autocast!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"TrainConfig.compile must be a bool, got {self.compile!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"TrainConfig.compile must be a bool or None (auto), got {self.compile!r}")
         for name in ("lr", "min_lr", "beta1", "beta2", "adam_eps", "weight_decay", "max_grad_norm", "muon_lr",
                      "muon_momentum", "decay_fraction"):
             value = getattr(self, name)
@@ -179,6 +179,13 @@ class TrainConfig:
     @property
     def decay_steps(self) -> int:
         return self.steps if self.cosine_steps is None else self.cosine_steps
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether a run on `device_type` torch.compiles its step: `compile`, or with None (auto)
+        on CUDA only, where the compiled step ran 2.8x the eager one's tokens/s (TinyStories
+        shape, H200); on the CPU compiling costs tens of seconds to minutes before the first step
+        (scripts/bench_compile.py), and eager stays the mode to debug in."""
+        return device_type == "cuda" if self.compile is None else self.compile
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -120,6 +120,7 @@ def test_cli_reads_a_toml_config_with_flag_overrides_and_guards_resume(tmp_path,
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["model"] == TINY.to_dict()
     assert (saved["train"]["batch_size"], saved["train"]["lr"], saved["train"]["max_grad_norm"]) == (2, 1e-3, None)
+    assert saved["train"]["compile"] is None  # auto: eager here on the CPU, compiled on CUDA
     assert "change the learning-rate schedule (lr 0.001 -> 0.1): pass --reschedule" in cli_error(
         common + ["--resume", "--lr", "0.1"], capsys)
     assert "would change what the run computes (batch_size 2 -> 4)" in cli_error(
@@ -181,3 +182,14 @@ def test_compiled_bf16_step_is_finite_and_tracks_eager():
 def test_bad_train_config_raises(change, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**change)
+
+
+def test_compile_is_auto_by_default_and_round_trips():
+    """compile None (auto) compiles on CUDA only; an explicit bool wins; config.json keeps null."""
+    auto = TrainConfig()
+    assert auto.compile is None and auto.compiles("cuda") and not auto.compiles("cpu")
+    assert not TrainConfig(compile=False).compiles("cuda") and TrainConfig(compile=True).compiles("cpu")
+    for cfg in (auto, TrainConfig(compile=False)):
+        assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match=r"compile must be a bool or None \(auto\)"):
+        TrainConfig(compile="yes")

@@ -81,7 +81,8 @@ HELP = {  # one line per config field; the default (or "required") is added from
     "keep_checkpoints": "how many of the newest checkpoints to keep",
     "device": "auto (cuda, else mps, else cpu), or a torch device such as cpu, cuda, cuda:1",
     "autocast": "none, or bfloat16: autocast the forward pass",
-    "compile": "torch.compile the whole training step",
+    "compile": "torch.compile the whole training step (default: auto: on with CUDA, off elsewhere; "
+               "--no-compile runs eager, for debugging)",
 }
 
 
@@ -201,10 +202,10 @@ def _add_field_flag(group: argparse._ArgumentGroup, section: str, field: datacla
     described = HELP.get(field.name, f"{section} setting {field.name} (see fnlm/config.py)")
     if field.default is dataclasses.MISSING or field.name == "train_data":
         described += " (required, or from --config)"
-    else:
+    elif "(default:" not in described:
         shown = {None: "none", False: "off", True: "on"}.get(field.default, field.default)
         described += f" (default: {shown})"
-    if annotation == "bool":
+    if annotation in ("bool", "bool | None"):  # None: auto (TrainConfig.compile)
         group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=described)
         return
     base = int if annotation.startswith("int") else float if annotation.startswith("float") else str

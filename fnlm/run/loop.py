@@ -93,7 +93,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, *, resu
             start = _start(model_cfg, [run], generators, device, resume, reschedule, world.is_main)
             amp = parse_autocast(cfg.autocast)
             step = make_train_step(model_cfg, make_optimizer(cfg), schedule=make_schedule(cfg), autocast_dtype=amp,
-                                   device_type=device.type, compile=cfg.compile,
+                                   device_type=device.type, compile=cfg.compiles(device.type),
                                    grad_sync=distributed.all_reduce_mean if world.size > 1 else None)
 
             def run_step(params, opt_state, alive, x, y):
@@ -104,7 +104,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, *, resu
             state = RunState(start.params[0], start.opt_states[0], start.step, generators, start.wall_s,
                              _diverged_tensor(start.diverged_at, device))
             loop = _Loop(model_cfg, cfg, [run], state, data, device, world, run_step,
-                         _compiled(make_loss_fn(model_cfg, autocast_dtype=amp, device_type=device.type), cfg),
+                         _compiled(make_loss_fn(model_cfg, autocast_dtype=amp, device_type=device.type), cfg, device),
                          lambda tree, k: tree, start.checkpoints, sweep_dir=None)
             interrupted = loop.fit(show_progress, should_stop)
     summary = loop.summaries()[0]
@@ -147,7 +147,7 @@ def train_sweep(model_cfg: ModelConfig, base: TrainConfig, axes: Sequence[Axis],
                                        for run in runs], dtype=torch.float32, device=device) for name in swept}
         amp = parse_autocast(base.autocast)
         step = make_sweep_step(model_cfg, base, shared_batch=shared_batch, autocast_dtype=amp,
-                               device_type=device.type, compile=base.compile)
+                               device_type=device.type, compile=base.compiles(device.type))
 
         def run_step(params, opt_state, alive, x, y):
             params, opt_state, metrics = step(params, opt_state, hparams, alive, x, y)
@@ -161,7 +161,7 @@ def train_sweep(model_cfg: ModelConfig, base: TrainConfig, axes: Sequence[Axis],
         eval_loss = torch.func.vmap(make_loss_fn(model_cfg, autocast_dtype=amp, device_type=device.type),
                                     in_dims=(0, None, None))
         loop = _Loop(model_cfg, base, runs, state, data, device, distributed.World(0, 1, 0), run_step,
-                     _compiled(eval_loss, base), run_tree, start.checkpoints, sweep_dir=out_dir)
+                     _compiled(eval_loss, base, device), run_tree, start.checkpoints, sweep_dir=out_dir)
         interrupted = loop.fit(show_progress, should_stop)
         plot_sweep([run.dir for run in runs], out_dir / "learning_curves.png")
     return SweepResult(state.step, interrupted, dict(zip((run.name for run in runs), loop.summaries())))
@@ -199,8 +199,8 @@ def _diverged_tensor(diverged_at: list[int | None], device: torch.device) -> Ten
     return torch.tensor([NOT_DIVERGED if d is None else d for d in diverged_at], device=device)
 
 
-def _compiled(fn: Callable, cfg: TrainConfig) -> Callable:
-    return torch.compile(fn) if cfg.compile else fn
+def _compiled(fn: Callable, cfg: TrainConfig, device: torch.device) -> Callable:
+    return torch.compile(fn) if cfg.compiles(device.type) else fn
 
 
 class _Loop:
