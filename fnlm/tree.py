@@ -50,7 +50,9 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
 
 def tree_map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """Like `tree_map`, with the leaf's dotted path as `fn`'s first argument."""
-    return optree.tree_map_with_path(lambda path, *xs: fn(_join(path), *xs), tree, *rest)
+    paths, leaves, structure = _flatten_with_paths(tree)
+    others = [leaves_like(structure, other) for other in rest]
+    return tree_unflatten(structure, [fn(path, *xs) for path, *xs in zip(paths, leaves, *others)])
 
 
 def tree_leaves(tree: PyTree) -> list[Any]:
@@ -79,14 +81,14 @@ def tree_unflatten(structure: Any, leaves: list[Any]) -> PyTree:
 
 def flatten(tree: PyTree) -> dict[str, Any]:
     """{"a": {"b": [x, y]}} -> {"a.b.0": x, "a.b.1": y}."""
-    paths, leaves, _ = optree.tree_flatten_with_path(tree)
-    return {_join(path): leaf for path, leaf in zip(paths, leaves)}
+    paths, leaves, _ = _flatten_with_paths(tree)
+    return dict(zip(paths, leaves))
 
 
 def unflatten(flat: Mapping[str, Any], like: PyTree) -> PyTree:
     """Rebuild a tree shaped like `like` from a flat dict; keys and leaf shapes must match exactly."""
-    paths, like_leaves, spec = optree.tree_flatten_with_path(like)
-    expected = {_join(path): leaf for path, leaf in zip(paths, like_leaves)}
+    paths, like_leaves, structure = _flatten_with_paths(like)
+    expected = dict(zip(paths, like_leaves))
     missing = sorted(expected.keys() - flat.keys())
     unexpected = sorted(flat.keys() - expected.keys())
     if missing or unexpected:
@@ -98,7 +100,7 @@ def unflatten(flat: Mapping[str, Any], like: PyTree) -> PyTree:
         got = getattr(flat[key], "shape", None)
         if hasattr(want, "shape") and got is not None and tuple(got) != tuple(want.shape):
             raise ValueError(f"{key}: expected shape {tuple(want.shape)}, got {tuple(got)}")
-    return optree.tree_unflatten(spec, [flat[key] for key in expected])
+    return tree_unflatten(structure, [flat[key] for key in expected])
 
 
 def zeros_like(tree: PyTree) -> PyTree:
@@ -143,6 +145,25 @@ _PER_LEAF: dict[str, Callable[..., torch.Tensor]] = {
 
 def _is_batched(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and torch._C._functorch.is_batchedtensor(value)
+
+
+def _flatten_with_paths(tree: PyTree) -> tuple[list[str], list[Any], Any]:
+    """(dotted paths, leaves, structure) with the flattener of `_flattener`: partition and the
+    sweep's labels flatten inside the compiled step too."""
+    if torch.compiler.is_compiling():
+        pairs, structure = torch_pytree.tree_flatten_with_path(tree)
+        paths = [_join(tuple(_torch_key(entry) for entry in path)) for path, _ in pairs]
+        return paths, [leaf for _, leaf in pairs], structure
+    paths, leaves, structure = optree.tree_flatten_with_path(tree)
+    return [_join(path) for path in paths], leaves, structure
+
+
+def _torch_key(entry: Any) -> Any:
+    """A torch.utils._pytree key entry as optree names it: the dict key, list index or field."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    raise TypeError(f"unexpected pytree key entry {entry!r}")
 
 
 def _join(path: tuple[Any, ...]) -> str:
