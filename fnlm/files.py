@@ -4,6 +4,7 @@
         file.write(data)
     write_files(folder, {"a.json": text_a, "b.txt": text_b})   # all of them, or none changed
     values = read_json(path)                  # ValueError "PATH: not valid JSON (line 3: ...)"
+    with new_folder(folder) as staging: ...   # a whole folder: appears only if the block completes
 
 A write goes to a hidden temporary beside the target (same file system, so the rename is
 atomic), is fsynced, and renamed over the target. On any error, a full disk or Ctrl-C
@@ -18,6 +19,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -132,3 +134,27 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def new_folder(directory: str | os.PathLike) -> Iterator[Path]:
+    """A folder written whole or not at all: yields a sibling temporary folder that becomes
+    `directory` when the with-block completes and is removed if it fails. `directory` must be
+    absent or empty (FileExistsError otherwise, checked before and after)."""
+    directory = Path(directory)
+    _check_free(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _check_free(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_free(directory: Path) -> None:
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise FileExistsError(f"{directory} already exists and is not an empty folder; choose another")

@@ -11,7 +11,8 @@ within each head (as torchtitan's and transformers' Llama converters do).
     model_config_from_hf(config) -> ModelConfig # config.json (a dict) back; refuses what fnlm lacks
     from_hf_state_dict(state, cfg) -> params    # the inverse of to_hf_state_dict, bitwise
     export_hf(checkpoint, directory, tokenizer_dir)   # the folder transformers loads
-    import_hf(directory, out)                   # a Llama folder -> an fnlm run directory
+    read_hf_folder(directory) -> (cfg, params, tokenizer)   # a Llama folder back (fnlm.run.folder.import_hf
+                                                              # writes it as a run folder)
 
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config(cfg)))
     model.load_state_dict(to_hf_state_dict(params, cfg))   # fnlm's logits, in transformers
@@ -23,21 +24,21 @@ Shape legend: D d_model, H heads, Dh head dim, V vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .config import ModelConfig
-from .files import read_json
+from .files import new_folder, read_json
 from .model import lm_spec
 from .tree import PyTree, flatten, tree_leaves, unflatten
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -263,7 +264,6 @@ def export_hf(checkpoint: str | os.PathLike, directory: str | os.PathLike,
 
     save_file = _safetensors().save_file
     directory = Path(directory)
-    _check_free(directory)
     for required in ("vocab.json", "merges.txt"):
         if not (Path(tokenizer_dir) / required).is_file():
             raise FileNotFoundError(f"tokenizer folder {str(tokenizer_dir)!r} has no {required}")
@@ -282,7 +282,7 @@ def export_hf(checkpoint: str | os.PathLike, directory: str | os.PathLike,
         "tokenizer.json": tokenizer_json(tokenizer),
         "tokenizer_config.json": tokenizer_config(tokenizer, model_max_length=cfg.context_length),
     }
-    with _staging(directory) as staging:
+    with new_folder(directory) as staging:
         state = to_hf_state_dict(ckpt.params, cfg)
         if cfg.tie_embeddings:  # one copy on disk, as transformers' save_pretrained writes it
             del state[NAMES["lm_head.weight"]]
@@ -292,24 +292,13 @@ def export_hf(checkpoint: str | os.PathLike, directory: str | os.PathLike,
     return directory
 
 
-def import_hf(directory: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Read a LlamaForCausalLM folder (config.json, *.safetensors, tokenizer.json) into an fnlm
-    run directory `out`, ready for `fnlm generate` and, once the "train" table of its config.json
-    names the data and the schedule, for fine-tuning with `fnlm train --out OUT --resume` (the
-    checkpoint records no training config, so any schedule is accepted at step 0):
-
-        out/config.json                    {"model": ModelConfig, "train": TrainConfig defaults}
-        out/checkpoints/step_0000000.pt    the weights at step 0, a fresh optimizer state
-        out/tokenizer/                     vocab.json, merges.txt, special_tokens.json
-
-    ValueError names what fnlm cannot compute or tokenize. Returns the checkpoint's path."""
-    from .checkpoint import save_checkpoint
-    from .config import TrainConfig
+def read_hf_folder(directory: str | os.PathLike) -> tuple[ModelConfig, PyTree, Tokenizer]:
+    """(ModelConfig, float32 params, Tokenizer) of a LlamaForCausalLM folder (config.json,
+    *.safetensors, tokenizer.json); ValueError names what fnlm cannot compute or tokenize.
+    fnlm.run.folder.import_hf writes them as a run folder."""
     from .hf_tokenizer import tokenizer_from_json
-    from .run.folder import CHECKPOINTS, save_run_config
-    from .train import make_optimizer
 
-    directory, out = Path(directory), Path(out)
+    directory = Path(directory)
     config = _read_json(directory / CONFIG_FILE)
     try:
         cfg = model_config_from_hf(config)
@@ -325,16 +314,7 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, *, seed: int
         params = from_hf_state_dict(state, cfg)
     except ValueError as error:
         raise ValueError(f"{directory}: {error}") from None
-    train_cfg = TrainConfig(seed=seed)
-    optimizer = make_optimizer(train_cfg)
-    _check_free(out)
-    with _staging(out) as staging:
-        save_run_config(staging, cfg, train_cfg)
-        tokenizer.save(staging / "tokenizer")
-        save_checkpoint(staging / CHECKPOINTS / "step_0000000.pt", model_config=cfg, params=params, step=0,
-                        opt_state=optimizer.init(params), rng=torch.Generator().manual_seed(seed).get_state(),
-                        extra={"imported_from": str(directory)})
-    return out / CHECKPOINTS / "step_0000000.pt"
+    return cfg, params, tokenizer
 
 
 def read_safetensors(directory: str | os.PathLike) -> dict[str, Tensor]:
@@ -365,24 +345,3 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     return read_json(path)
-
-
-def _check_free(directory: Path) -> None:
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise FileExistsError(f"{directory} already exists and is not an empty folder; choose another")
-
-
-@contextlib.contextmanager
-def _staging(directory: Path) -> Iterator[Path]:
-    """A sibling temporary folder that becomes `directory` (renamed over it, which must be
-    absent or empty) when the with-block completes, and is removed if it fails."""
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _check_free(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

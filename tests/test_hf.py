@@ -19,11 +19,12 @@ from fnlm import cli  # noqa: E402
 from fnlm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from fnlm.config import ModelConfig  # noqa: E402
 from fnlm.hf import (  # noqa: E402
-    export_hf, from_hf_state_dict, halves_to_interleaved, hf_config, import_hf, interleaved_to_halves,
+    export_hf, from_hf_state_dict, halves_to_interleaved, hf_config, interleaved_to_halves,
     model_config_from_hf, to_hf_state_dict,
 )
 from fnlm.hf_tokenizer import HF_GPT2_PATTERN, tokenizer_from_json, tokenizer_json  # noqa: E402
 from fnlm.model import init_params, transformer_lm  # noqa: E402
+from fnlm.run.folder import import_hf  # noqa: E402
 from fnlm.tokenizer import Tokenizer, train_bpe  # noqa: E402
 from fnlm.tree import flatten, tree_map  # noqa: E402
 from tests.conftest import FIXTURES  # noqa: E402

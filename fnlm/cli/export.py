@@ -64,7 +64,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import_hf(args: argparse.Namespace) -> int:
-    from ..hf import import_hf
+    from ..run.folder import import_hf
 
     return _needing_safetensors("fnlm import-hf", lambda: import_hf(args.model_dir, args.out))
 

@@ -5,6 +5,7 @@
     run_dir/checkpoints/step_0001000.pt the newest `keep_checkpoints` checkpoints
     run_dir/loss_curve.png              loss against steps and against wall-clock time
     run_dir/.lock                       held (fcntl.flock) while a process trains into the folder
+    run_dir/tokenizer/                  a run made by import_hf (a Llama folder) also holds its tokenizer
 
 A sweep's folder holds one such folder per run, plus sweep.json and learning_curves.png
 (fnlm.run.sweep). Every reader names the file at fault: a config that does not parse is a
@@ -233,3 +234,32 @@ def plot_sweep(run_dirs: Sequence[Path], png_path: Path) -> Path | None:
     figure.savefig(png_path, dpi=120)
     plt.close(figure)
     return png_path
+
+
+def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, seed: int = 0) -> Path:
+    """A LlamaForCausalLM folder (fnlm.hf.read_hf_folder) as the run folder `out`, ready for
+    `fnlm generate` and, once the "train" table of its config.json names the data and the
+    schedule, for fine-tuning with `fnlm train --out OUT --resume` (the checkpoint records no
+    training config, so any schedule is accepted at step 0):
+
+        out/config.json                    {"model": ModelConfig, "train": TrainConfig defaults}
+        out/checkpoints/step_0000000.pt    the weights at step 0, a fresh optimizer state
+        out/tokenizer/                     vocab.json, merges.txt, special_tokens.json
+
+    The folder appears whole or not at all. Returns the checkpoint's path."""
+    import torch
+
+    from ..checkpoint import save_checkpoint
+    from ..files import new_folder
+    from ..hf import read_hf_folder
+    from ..train import make_optimizer
+
+    cfg, params, tokenizer = read_hf_folder(hf_dir)
+    train_cfg = TrainConfig(seed=seed)
+    with new_folder(out) as staging:
+        save_run_config(staging, cfg, train_cfg)
+        tokenizer.save(staging / "tokenizer")
+        save_checkpoint(checkpoint_path(staging, 0), model_config=cfg, params=params, step=0,
+                        opt_state=make_optimizer(train_cfg).init(params),
+                        rng=torch.Generator().manual_seed(seed).get_state(), extra={"imported_from": str(hf_dir)})
+    return checkpoint_path(Path(out), 0)
