@@ -31,26 +31,20 @@ except ImportError:  # Triton ships with CUDA builds of torch on Linux only
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) of each kernel by head dim (<= 64, 128).
-# The forward and dQ kernels step over keys in the program's query block (BLOCK_M % BLOCK_N == 0),
-# the dK/dV kernel over queries in its key block (BLOCK_N % BLOCK_M == 0): the EVEN paths rely on it.
-# Chosen on an H200 (torch 2.11, Triton 3.6) among six tilings at the issue-12 shapes (B H T D =
-# 32 12 1024 64, 128 16 256 32, 64 12 512 64), forward and backward apart.
+# Tilings by head dim (up to 32, 64, 128). forward: (BLOCK_M queries, BLOCK_N keys, num_warps,
+# num_stages), BLOCK_M % BLOCK_N == 0. backward: (SMALL, BIG, num_warps, num_stages), BIG % SMALL
+# == 0: each program holds BIG keys (then BIG queries) and steps SMALL queries (keys) at a time.
+# Chosen on an H200 (torch 2.11, Triton 3.6) at the issue-12 shapes (B H T D = 32 12 1024 64,
+# 128 16 256 32, 64 12 512 64): scripts/bench_kernels.py.
 TUNING = {
-    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-    "backward_kv": {64: (64, 64, 4, 3), 128: (32, 64, 4, 3)},
-    "backward_q": {64: (64, 64, 4, 3), 128: (64, 32, 4, 3)},
+    "forward": {32: (64, 32, 4, 4), 64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "backward": {32: (32, 64, 4, 3), 64: (64, 64, 4, 3), 128: (32, 64, 4, 3)},
 }
 
 
 def tuning(kernel: str, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel` for head_dim."""
-    return TUNING[kernel][64 if head_dim <= 64 else 128]
-
-
-def _even(seq_len: int, head_dim: int) -> bool:
-    """Whether T is a multiple of every block size, so that only diagonal blocks need masks."""
-    return all(seq_len % size == 0 for kernel in TUNING for size in tuning(kernel, head_dim)[:2])
+    """The tiling of `kernel` ("forward" or "backward") for head_dim (see TUNING)."""
+    return TUNING[kernel][next(size for size in (32, 64, 128) if head_dim <= size)]
 
 
 def supports(q: Tensor) -> bool:
@@ -81,19 +75,9 @@ if triton is not None:
 
     @triton.jit
     def _visible(rows, cols, seq_len):
-        """Where query `rows` may attend key `cols`: causal, and both inside the sequence."""
-        return (rows[:, None] >= cols[None, :]) & (rows < seq_len)[:, None] & (cols < seq_len)[None, :]
-
-    @triton.jit
-    def _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE: tl.constexpr,
-                           MASKED: tl.constexpr):
-        """One (M, N) block of the backward: P recomputed from the log-sum-exp, and
-        dS = P * (dO V^T - rowsum(dO * O)); with MASKED, both 0 where the causal mask or the
-        sequence end hides (blocks wholly below the diagonal skip that select)."""
-        probs = tl.exp(tl.dot(q, tl.trans(k)) * SCALE - lse[:, None])
-        if MASKED:
-            probs = tl.where(_visible(rows, cols, seq_len), probs, 0.0)
-        return probs, probs * (tl.dot(grad_out, tl.trans(v)) - delta[:, None])
+        """Where query `rows` may attend key `cols` (broadcastable index tiles): causal, and both
+        inside the sequence."""
+        return (rows >= cols) & (rows < seq_len) & (cols < seq_len)
 
     @triton.jit
     def _forward_block(q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
@@ -125,7 +109,7 @@ if triton is not None:
     ):
         """O and the log-sum-exp for one block of queries: keys up to the diagonal, online softmax.
 
-        EVEN (T a multiple of every block size): the key blocks left of the diagonal block need
+        EVEN (T a multiple of BLOCK_M): the key blocks left of the diagonal block need
         no mask; only the diagonal's BLOCK_M keys are masked. Otherwise every block is."""
         block_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // num_heads, bh % num_heads
@@ -154,102 +138,97 @@ if triton is not None:
         tl.store(LSE + bh * seq_len + rows, (row_max + tl.math.log2(row_sum)) * 0.6931471805599453, mask=row_ok)
 
     @triton.jit
-    def _backward_kv_block(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
-                           do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len, start_m, dk, dv,
-                           SCALE: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
-        """dK, dV accumulated over the queries start_m .. start_m + BLOCK_M."""
-        rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)  # (M, D)
+    def _backward_kv_step(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
+                          do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len, start_m, dk, dv,
+                          log2_scale, SMALL: tl.constexpr, MASKED: tl.constexpr):
+        """dK, dV of a key block accumulated over the queries start_m .. start_m + SMALL, in the
+        transposed layout (keys down, queries across) so that no product needs a transpose of P."""
+        rows = start_m + tl.arange(0, SMALL)
+        q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)  # (S, D)
         grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len)
-        lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
-        probs, dscores = _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE, MASKED)
-        dv += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out)
-        dk += tl.dot(tl.trans(dscores.to(q.dtype)), q)
+        probs_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * log2_scale - lse[None, :])  # (BIG, S) = P^T
+        if MASKED:
+            probs_t = tl.where(_visible(rows[None, :], cols[:, None], seq_len), probs_t, 0.0)
+        dv += tl.dot(probs_t.to(grad_out.dtype), grad_out)
+        dscores_t = probs_t * (tl.dot(v, tl.trans(grad_out)) - delta[None, :])  # dS^T
+        dk += tl.dot(dscores_t.to(q.dtype), q)
         return dk, dv
 
     @triton.jit
-    def _backward_kv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV,
+    def _backward_q_step(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
+                         q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
+                         log2_scale, SMALL: tl.constexpr, MASKED: tl.constexpr):
+        """dQ of a query block accumulated over the keys start_n .. start_n + SMALL."""
+        cols = start_n + tl.arange(0, SMALL)
+        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (S, D)
+        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
+        probs = tl.math.exp2(tl.dot(q, tl.trans(k)) * log2_scale - lse[:, None])  # (BIG, S)
+        if MASKED:
+            probs = tl.where(_visible(rows[:, None], cols[None, :], seq_len), probs, 0.0)
+        dscores = probs * (tl.dot(grad_out, tl.trans(v)) - delta[:, None])
+        return dq + tl.dot(dscores.to(k.dtype), k)
+
+    @triton.jit
+    def _backward_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
         q_stride_b, q_stride_h, q_stride_t,
         k_stride_b, k_stride_h, k_stride_t,
         v_stride_b, v_stride_h, v_stride_t,
         do_stride_b, do_stride_h, do_stride_t,
         num_heads, seq_len,
-        SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        EVEN: tl.constexpr,
+        SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, SMALL: tl.constexpr, BIG: tl.constexpr, EVEN: tl.constexpr,
     ):
-        """dK, dV for one block of keys: every query block at or after it, recomputing P. With
-        EVEN, only the query blocks that overlap the key block's diagonal are masked."""
-        block_n, bh = tl.program_id(0), tl.program_id(1)
+        """Program i of a head computes dK, dV of key block i and dQ of query block i (BIG rows
+        each), stepping SMALL rows at a time and recomputing P from the log-sum-exp.
+
+        Key block i meets the queries from block i on, query block i the keys up to block i: the
+        two halves together cost every program the same, whatever i, which balances the causal
+        triangle. EVEN (T a multiple of BIG): only the diagonal's steps are masked."""
+        block, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // num_heads, bh % num_heads
-        cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, HEAD_DIM)
-        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (N, D)
-        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
-        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        first = (block_n * BLOCK_N) // BLOCK_M * BLOCK_M
-        masked_end = seq_len
+        log2_scale = SCALE * 1.4426950408889634
+        start = block * BIG
+        diagonal_end = seq_len  # without EVEN every step is masked
         if EVEN:
-            masked_end = (block_n + 1) * BLOCK_N  # the query blocks from here on see every key of this block
-        for start_m in range(first, masked_end, BLOCK_M):
-            dk, dv = _backward_kv_block(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
-                                        do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len,
-                                        start_m, dk, dv, SCALE, BLOCK_M, True)
-        for start_m in range(masked_end, seq_len, BLOCK_M):
-            dk, dv = _backward_kv_block(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
-                                        do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len,
-                                        start_m, dk, dv, SCALE, BLOCK_M, False)
+            diagonal_end = start + BIG
+
+        cols = start + tl.arange(0, BIG)
+        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (BIG, D)
+        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
+        dk = tl.zeros([BIG, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BIG, HEAD_DIM], tl.float32)
+        for start_m in range(start, tl.minimum(diagonal_end, seq_len), SMALL):
+            dk, dv = _backward_kv_step(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
+                                       do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len,
+                                       start_m, dk, dv, log2_scale, SMALL, True)
+        for start_m in range(diagonal_end, seq_len, SMALL):
+            dk, dv = _backward_kv_step(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
+                                       do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len,
+                                       start_m, dk, dv, log2_scale, SMALL, False)
         offsets = bh * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
         tl.store(DK + offsets, (dk * SCALE).to(DK.dtype.element_ty), mask=(cols < seq_len)[:, None])
         tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=(cols < seq_len)[:, None])
 
-    @triton.jit
-    def _backward_q_block(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
-                          q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
-                          SCALE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-        """dQ accumulated over the keys start_n .. start_n + BLOCK_N."""
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (N, D)
-        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
-        _, dscores = _probs_and_dscores(q, k, v, grad_out, lse, delta, rows, cols, seq_len, SCALE, MASKED)
-        return dq + tl.dot(dscores.to(k.dtype), k)
-
-    @triton.jit
-    def _backward_q_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ,
-        q_stride_b, q_stride_h, q_stride_t,
-        k_stride_b, k_stride_h, k_stride_t,
-        v_stride_b, v_stride_h, v_stride_t,
-        do_stride_b, do_stride_h, do_stride_t,
-        num_heads, seq_len,
-        SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        EVEN: tl.constexpr,
-    ):
-        """dQ for one block of queries: every key block up to the diagonal, recomputing P. With
-        EVEN, only the key blocks of the diagonal are masked."""
-        block_m, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // num_heads, bh % num_heads
-        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, HEAD_DIM)
+        rows = cols
         q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)
         grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len)
-        lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
-        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        dq = tl.zeros([BIG, HEAD_DIM], tl.float32)
         unmasked_end = 0
         if EVEN:
-            unmasked_end = block_m * BLOCK_M
-        for start_n in range(0, unmasked_end, BLOCK_N):
-            dq = _backward_q_block(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h,
-                                   v_stride_t, q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
-                                   SCALE, BLOCK_N, False)
-        for start_n in range(unmasked_end, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
-            dq = _backward_q_block(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h,
-                                   v_stride_t, q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
-                                   SCALE, BLOCK_N, True)
-        offsets = bh * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
+            unmasked_end = start
+        for start_n in range(0, unmasked_end, SMALL):
+            dq = _backward_q_step(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h,
+                                  v_stride_t, q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
+                                  log2_scale, SMALL, False)
+        for start_n in range(unmasked_end, tl.minimum(start + BIG, seq_len), SMALL):
+            dq = _backward_q_step(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h,
+                                  v_stride_t, q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
+                                  log2_scale, SMALL, True)
         tl.store(DQ + offsets, (dq * SCALE).to(DQ.dtype.element_ty), mask=(rows < seq_len)[:, None])
 
     def _strides(*tensors: Tensor) -> list[int]:
@@ -266,7 +245,7 @@ if triton is not None:
         block_m, block_n, warps, stages = tuning("forward", head_dim)
         launch(_forward_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
             q, k, v, out, lse, *_strides(q, k, v), heads, seq_len,
-            SCALE=scale, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, EVEN=_even(seq_len, head_dim),
+            SCALE=scale, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, EVEN=seq_len % block_m == 0,
             num_warps=warps, num_stages=stages,
         )
         return out, lse
@@ -275,17 +254,11 @@ if triton is not None:
         batch, heads, seq_len, head_dim = q.shape
         delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, T): rowsum(dO * O)
         dq, dk, dv = (torch.empty(q.shape, dtype=t.dtype, device=q.device) for t in (q, k, v))
-        args = (*_strides(q, k, v, grad_out), heads, seq_len)
-        even = _even(seq_len, head_dim)
-        block_m, block_n, warps, stages = tuning("backward_kv", head_dim)
-        launch(_backward_kv_kernel)[(triton.cdiv(seq_len, block_n), batch * heads)](
-            q, k, v, grad_out, lse, delta, dk, dv, *args, SCALE=scale, HEAD_DIM=head_dim,
-            BLOCK_M=block_m, BLOCK_N=block_n, EVEN=even, num_warps=warps, num_stages=stages,
-        )
-        block_m, block_n, warps, stages = tuning("backward_q", head_dim)
-        launch(_backward_q_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
-            q, k, v, grad_out, lse, delta, dq, *args, SCALE=scale, HEAD_DIM=head_dim,
-            BLOCK_M=block_m, BLOCK_N=block_n, EVEN=even, num_warps=warps, num_stages=stages,
+        small, big, warps, stages = tuning("backward", head_dim)
+        launch(_backward_kernel)[(triton.cdiv(seq_len, big), batch * heads)](
+            q, k, v, grad_out, lse, delta, dq, dk, dv, *_strides(q, k, v, grad_out), heads, seq_len,
+            SCALE=scale, HEAD_DIM=head_dim, SMALL=small, BIG=big, EVEN=seq_len % big == 0,
+            num_warps=warps, num_stages=stages,
         )
         return dq, dk, dv
 

@@ -24,8 +24,8 @@ def check_kernels() -> None:
     from fnlm.tree import tree_map
 
     assert flash_attention.INTERPRET
-    # T = 256 is a multiple of every block: the EVEN kernels, which mask only diagonal blocks
-    for seq_len, head_dim in [(1, 16), (5, 32), (64, 32), (130, 64), (256, 32)]:
+    # T = 256 is a multiple of every block: the EVEN kernels, which mask only the diagonal
+    for seq_len, head_dim in [(1, 16), (5, 32), (64, 32), (130, 64), (256, 32), (256, 64)]:
         q, k, v = (torch.randn(2, 3, seq_len, head_dim, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
                    for s in range(3))
         grad_out = torch.randn(2, 3, seq_len, head_dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
