@@ -113,8 +113,6 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     if not leaves:
         return torch.zeros(())
     dtype = functools.reduce(torch.promote_types, (leaf.dtype for leaf in leaves), torch.float32)
-    if torch.compiler.is_compiling():  # inductor has no _foreach_norm: it would call aten once per leaf
-        return torch.stack([leaf.to(dtype).square().sum() for leaf in leaves]).sum().sqrt()
     norms = foreach("norm", leaves, 2, dtype=dtype)  # one multi-tensor kernel, not one per leaf
     return torch.linalg.vector_norm(torch.stack(norms))
 

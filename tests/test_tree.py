@@ -45,12 +45,3 @@ def test_zeros_like_tree_map_and_global_norm():
     doubled = tree_map(lambda x, y: x + y, tree, tree)
     assert doubled["b"][0].item() == 8.0
 
-
-def test_compiled_global_norm_is_one_fused_reduction_with_the_eager_value():
-    from torch._inductor.utils import run_and_get_code
-
-    tree = {"a": torch.randn(10, 3), "b": [torch.randn(7), torch.randn(2, 2, 2, dtype=torch.float64)]}
-    norm, (code, *_) = run_and_get_code(torch.compile(global_norm), tree)
-    assert norm.dtype == torch.float64
-    torch.testing.assert_close(norm, global_norm(tree))
-    assert "aten." not in code  # inductor has no _foreach_norm and would fall back to aten per leaf
