@@ -132,16 +132,16 @@ def make_train_step(
     value_and_grad = torch.func.grad_and_value(make_loss_fn(cfg, autocast_dtype=autocast_dtype, device_type=device_type))
 
     def update(params: PyTree, opt_state: OptState, grads: PyTree, loss: Tensor):
-        lr = learning_rate(opt_state)
+        lr = learning_rate(opt_state, loss.device)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         clip = find_state(opt_state, ClipByGlobalNormState)  # the clip already measured the norm
         grad_norm = global_norm(grads).float() if clip is None else clip.grad_norm
         return apply_updates(params, updates), opt_state, StepMetrics(loss, grad_norm, lr)
 
-    def learning_rate(opt_state: OptState) -> Tensor:
+    def learning_rate(opt_state: OptState, device: torch.device) -> Tensor:
         counter = find_state(opt_state, ScaleByScheduleState)
-        if schedule is None or counter is None:
-            return torch.full((), math.nan, device=tree_leaves(opt_state)[0].device)
+        if schedule is None or counter is None:  # the state may hold no tensor at all (plain SGD)
+            return torch.full((), math.nan, device=device)
         return schedule(counter.count).float()
 
     def compiled(fn: Callable) -> Callable:

@@ -11,10 +11,10 @@ from fnlm.checkpoint import load_checkpoint
 from fnlm.cli import main
 from fnlm.config import ModelConfig, TrainConfig
 from fnlm.model import init_params
-from fnlm.optim import adamw, apply_updates, warmup_cosine_schedule
+from fnlm.optim import EmptyState, GradientTransformation, adamw, apply_updates, warmup_cosine_schedule
 from fnlm.run import latest_checkpoint, read_log, train
 from fnlm.train import eval_result, evaluate, make_loss_fn, make_train_step
-from fnlm.tree import flatten, global_norm
+from fnlm.tree import flatten, global_norm, tree_map
 from tests.conftest import cli_error
 
 TINY = ModelConfig(vocab_size=48, context_length=16, d_model=32, num_layers=2, num_heads=2, d_ff=64)
@@ -45,6 +45,14 @@ def test_step_is_grad_and_value_then_the_optimizer(max_grad_norm):
     assert torch.equal(metrics.loss, loss_fn(params, x, y))
     torch.testing.assert_close(metrics.grad_norm, global_norm(grads).float())  # before clipping
     assert int(new_state[1 if max_grad_norm else 0].count) == 1
+
+
+def test_an_optimizer_without_state_steps_and_reports_no_learning_rate():
+    sgd = GradientTransformation(lambda params: EmptyState(), lambda u, s, p=None: (tree_map(lambda g: -0.1 * g, u), s))
+    params, (x, y) = init_params(TINY, seed=0), batch()
+    new_params, _, metrics = make_train_step(TINY, sgd)(params, sgd.init(params), x, y)
+    assert torch.isnan(metrics.lr) and float(metrics.grad_norm) > 0
+    assert not torch.equal(new_params["lm_head"]["weight"], params["lm_head"]["weight"])
 
 
 def test_overfitting_one_batch_drives_the_loss_near_zero():
