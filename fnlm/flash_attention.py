@@ -138,6 +138,12 @@ if triton is not None:
         tl.store(LSE + bh * seq_len + rows, (row_max + tl.math.log2(row_sum)) * 0.6931471805599453, mask=row_ok)
 
     @triton.jit
+    def _row_stats(LSE, DELTA, bh, rows, seq_len):
+        """The rows' log-sum-exp in base 2 (the backward's exp2 units) and their rowsum(dO * O)."""
+        lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0) * 1.4426950408889634
+        return lse, tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+
+    @triton.jit
     def _backward_kv_step(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
                           do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len, start_m, dk, dv,
                           log2_scale, SMALL: tl.constexpr, MASKED: tl.constexpr):
@@ -146,8 +152,7 @@ if triton is not None:
         rows = start_m + tl.arange(0, SMALL)
         q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)  # (S, D)
         grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len)
-        lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        lse, delta = _row_stats(LSE, DELTA, bh, rows, seq_len)
         probs_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * log2_scale - lse[None, :])  # (BIG, S) = P^T
         if MASKED:
             probs_t = tl.where(_visible(rows[None, :], cols[:, None], seq_len), probs_t, 0.0)
@@ -195,6 +200,7 @@ if triton is not None:
         if EVEN:
             diagonal_end = start + BIG
 
+        # dK, dV of key block i
         cols = start + tl.arange(0, BIG)
         k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (BIG, D)
         v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
@@ -212,11 +218,11 @@ if triton is not None:
         tl.store(DK + offsets, (dk * SCALE).to(DK.dtype.element_ty), mask=(cols < seq_len)[:, None])
         tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=(cols < seq_len)[:, None])
 
+        # dQ of query block i: the same indices, as queries
         rows = cols
         q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)
         grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len)
-        lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        lse, delta = _row_stats(LSE, DELTA, bh, rows, seq_len)
         dq = tl.zeros([BIG, HEAD_DIM], tl.float32)
         unmasked_end = 0
         if EVEN:

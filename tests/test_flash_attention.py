@@ -99,4 +99,7 @@ def test_the_kernel_is_an_explicit_choice():
         causal_attention(q, k, v, "triton")  # float32
     with pytest.raises(ValueError, match="must be one of"):
         causal_attention(q, k, v, "flash")
-    assert flash_attention.tuning("forward", 64)[0] % flash_attention.tuning("forward", 64)[1] == 0
+    for head_dim in (16, 32, 64, 128):  # the EVEN paths rely on one block size dividing the other
+        block_m, block_n, *_ = flash_attention.tuning("forward", head_dim)
+        small, big, *_ = flash_attention.tuning("backward", head_dim)
+        assert block_m % block_n == 0 and big % small == 0
