@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from accounting import forward_flops  # noqa: E402
 from benchlib import device_name, synchronize  # noqa: E402
 from fnlm.config import AUTOCAST_DTYPES, ModelConfig  # noqa: E402
 from fnlm.data import load_tokens, resolve_device  # noqa: E402
@@ -245,11 +246,9 @@ def max_gap(curves: dict[str, list[float]], a: str, b: str, steps: int | None = 
 
 
 def flops_per_token(cfg: ModelConfig) -> int:
-    """Training FLOPs per token: 6 x the matmul parameters + 12 L T d for attention (PaLM's count)."""
-    attention = 4 * cfg.d_model * cfg.d_model
-    ffn = (3 if cfg.ffn_type == "swiglu" else 2) * cfg.d_model * cfg.d_ff
-    matmul_params = cfg.num_layers * (attention + ffn) + cfg.vocab_size * cfg.d_model  # + the LM head
-    return 6 * matmul_params + 12 * cfg.num_layers * cfg.context_length * cfg.d_model
+    """Training FLOPs per token: 3 x the forward's matrix multiplies (the backward is twice the
+    forward), which is 6 x the matmul parameters + 12 L T d for attention (PaLM's count)."""
+    return 3 * sum(forward_flops(cfg).values()) // cfg.context_length  # forward_flops is per sequence
 
 
 def tree_bytes(tensors) -> int:
