@@ -24,7 +24,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
-import json
 import os
 import re
 import sys
@@ -37,7 +36,7 @@ from dataclasses import asdict, dataclass
 from email.message import Message
 from pathlib import Path
 
-from .files import atomic_write, naming_write_errors, read_json
+from .files import naming_write_errors, read_json, write_json
 from .progress import Progress
 
 BASE_URL_ENV = "FNLM_DATA_BASE_URL"
@@ -418,8 +417,7 @@ def hash_prefix(path: Path, length: int, bar: Progress | None = None) -> hashlib
 
 
 def write_record(final: Path, record: Record) -> None:
-    with atomic_write(record_file(final), "w") as file:
-        file.write(json.dumps(asdict(record), indent=2) + "\n")
+    write_json(record_file(final), asdict(record))
 
 
 def read_record(path: Path) -> Record:
@@ -443,8 +441,7 @@ def read_part_state(part: Path) -> dict | None:
 
 
 def write_part_state(part: Path, state: dict) -> None:
-    with atomic_write(part_state_file(part), "w") as file:
-        file.write(json.dumps(state, indent=2) + "\n")
+    write_json(part_state_file(part), state)
 
 
 def finish(part: Path, target: Path) -> None:

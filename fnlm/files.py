@@ -4,6 +4,7 @@
         file.write(data)
     write_files(folder, {"a.json": text_a, "b.txt": text_b})   # all of them, or none changed
     values = read_json(path)                  # ValueError "PATH: not valid JSON (line 3: ...)"
+    write_json(path, values)                  # indented, atomically
     with new_folder(folder) as staging: ...   # a whole folder: appears only if the block completes
 
 A write goes to a hidden temporary beside the target (same file system, so the rename is
@@ -67,15 +68,32 @@ def write_files(directory: str | os.PathLike, contents: Mapping[str, str | bytes
             tmp.unlink(missing_ok=True)
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """The JSON value in `path`; ValueError naming the file and line if it is not valid JSON."""
+def read_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text in `path`; ValueError naming the file if it is not UTF-8."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); the file is damaged") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in `path`; FileNotFoundError "PATH does not exist" for a missing file,
+    ValueError naming the file and line if it is not valid JSON."""
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON (line {error.lineno}: {error.msg}); "
                          "the file is damaged or was cut short") from None
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); the file is damaged") from None
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Write `value` as indented JSON and a newline, atomically (atomic_write)."""
+    with atomic_write(path, "w") as file:
+        file.write(json.dumps(value, indent=2) + "\n")
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # errors that only a write raises

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, TrainConfig
+from ..files import new_folder, write_json
 
 CONFIG, LOG, CHECKPOINTS, LOCK, PLOT = "config.json", "log.jsonl", "checkpoints", ".lock", "loss_curve.png"
 
@@ -41,17 +42,6 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON (corrupt or cut short?): {error}") from None
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON atomically: a crash leaves the previous file, never half of the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(value, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_run_config(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
@@ -250,7 +240,6 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, seed: int = 
     import torch
 
     from ..checkpoint import save_checkpoint
-    from ..files import new_folder
     from ..hf import read_hf_folder
     from ..train import make_optimizer
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..config import ModelConfig, TrainConfig
-from .folder import configs_from, read_json, write_json
+from ..files import write_json
+from .folder import configs_from, read_json
 
 # TrainConfig fields a sweep may vary: fnlm.train.TENSOR_HPARAMS, tensors inside the step, and
 # the seed, which chooses the initial parameters and, with the per-run stream, the batches.

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import regex
+
+from ..files import read_text
 
 MERGES_HEADER = "#version: 0.2"
 
@@ -59,7 +60,7 @@ def merges_text(merges: Sequence[tuple[bytes, bytes]]) -> str:
 
 def load_vocab(path: str | os.PathLike) -> dict[int, bytes]:
     """Read a vocab.json into {id: token bytes}; ValueError naming the file and line if malformed."""
-    text = _read_text(path)
+    text = read_text(path)
     where = _locator(path, text)
 
     def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -98,7 +99,7 @@ def load_merges(path: str | os.PathLike) -> tuple[list[tuple[bytes, bytes]], lis
     """
     merges: list[tuple[bytes, bytes]] = []
     lines: list[int] = []
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):  # universal newlines: only \n
+    for number, line in enumerate(read_text(path).split("\n"), start=1):  # universal newlines: only \n
         if not line or (number == 1 and line.startswith("#version")):
             continue
         parts = line.split(" ")
@@ -127,13 +128,6 @@ def check_merges(vocab: Mapping[int, bytes], merges: Sequence[tuple[bytes, bytes
         if merge in first:
             raise ValueError(f"{where(i)}: merge {_spell(merge)} repeats {where(first[merge])}")
         first[merge] = i
-
-
-def _read_text(path: str | os.PathLike) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); the file is damaged") from None
 
 
 def _spell(merge: tuple[bytes, bytes]) -> str:
