@@ -410,3 +410,11 @@ def test_save_is_all_or_none_on_a_full_disk(tmp_path, small, monkeypatch):
         small.save(tmp_path)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
     assert Tokenizer.load(tmp_path).merges == old.merges
+
+
+def test_a_missing_merges_file_is_named_without_a_manifest(tmp_path, small):
+    small.save(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="is not a tokenizer folder: it has no merges.txt"):
+        Tokenizer.load(tmp_path)

@@ -69,11 +69,14 @@ class Tokenizer:
         if not directory.is_dir():
             raise FileNotFoundError(f"tokenizer folder {directory} does not exist" if not directory.exists()
                                     else f"{directory} is not a tokenizer folder (it is a file)")
-        if not (directory / VOCAB_FILE).exists():
+        if not (directory / VOCAB_FILE).is_file():
             raise FileNotFoundError(f"{directory} is not a tokenizer folder: it has no {VOCAB_FILE}")
         manifest = _read_manifest(directory)
         if manifest is not None:
             _check_against_manifest(directory, manifest)
+        # After the manifest's check, which names a listed file that is missing as such.
+        if not (directory / MERGES_FILE).is_file():
+            raise FileNotFoundError(f"{directory} is not a tokenizer folder: it has no {MERGES_FILE}")
         if special_tokens is None and (directory / SPECIAL_TOKENS_FILE).exists():
             special_tokens = read_json(directory / SPECIAL_TOKENS_FILE)
             if not (isinstance(special_tokens, list) and all(isinstance(t, str) and t for t in special_tokens)):
