@@ -92,9 +92,9 @@ def make_optimizer(cfg: TrainConfig, **hparams: Tensor) -> GradientTransformatio
     alike) for the hidden matrices beside that AdamW (fnlm.optim.muon_adamw). hparams replace
     any of TENSOR_HPARAMS with 0-d tensors (see make_schedule)."""
     values = _hparams(cfg, hparams, TENSOR_HPARAMS)
-    schedule = make_schedule(cfg, **hparams)
+    schedule = _schedule(cfg, values["lr"], values["min_lr"], values["warmup_steps"], values["cosine_steps"])
     if cfg.optimizer == "muon":
-        muon_floor = values["min_lr"] * values["muon_lr"] / values["lr"]  # lr > 0: make_schedule checked it
+        muon_floor = values["min_lr"] * values["muon_lr"] / values["lr"]  # lr > 0: the schedule checked it
         muon_schedule = _schedule(cfg, values["muon_lr"], muon_floor, values["warmup_steps"], values["cosine_steps"])
         return muon_adamw(muon_schedule, schedule, momentum=cfg.muon_momentum, b1=cfg.beta1, b2=cfg.beta2,
                           eps=cfg.adam_eps, weight_decay=values["weight_decay"], max_grad_norm=values["max_grad_norm"])

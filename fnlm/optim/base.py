@@ -68,28 +68,39 @@ def partition(
     if not transforms or not all(isinstance(label, str) for label in transforms):
         raise ValueError(f"partition needs a dict of transformations keyed by label, got {transforms!r}")
 
-    def split(tree: PyTree) -> dict[str, dict[str, Any]]:
-        """{label: {path: leaf}} of `tree` (params, or updates shaped like them)."""
-        groups: dict[str, dict[str, Any]] = {label: {} for label in transforms}
+    def path_labels(tree: PyTree, flat_tree: dict[str, Any]) -> dict[str, str]:
+        """{path: label} of `tree` (params, or updates shaped like them), whose leaves are flat_tree."""
         flat_labels = flatten(labels(tree) if callable(labels) else labels)
-        flat_tree = flatten(tree)
         if flat_labels.keys() != flat_tree.keys():
             missing, extra = sorted(flat_tree.keys() - flat_labels.keys()), sorted(flat_labels.keys() - flat_tree.keys())
             raise ValueError(f"partition labels do not match the tree: no label for {missing[:4]}, "
                              f"labels without a leaf {extra[:4]}")
         for path, label in flat_labels.items():
-            if label not in groups:
+            if label not in transforms:
                 raise ValueError(f"partition: {path} is labelled {label!r}; known labels {sorted(transforms)}")
+        return flat_labels
+
+    def split(flat_tree: dict[str, Any], flat_labels: dict[str, str]) -> dict[str, dict[str, Any]]:
+        """{label: {path: leaf}}."""
+        groups: dict[str, dict[str, Any]] = {label: {} for label in transforms}
+        for path, label in flat_labels.items():
             groups[label][path] = flat_tree[path]
         return groups
 
     def init(params: PyTree) -> PartitionState:
-        groups = split(params)
+        flat_params = flatten(params)
+        groups = split(flat_params, path_labels(params, flat_params))
         return PartitionState({label: transform.init(groups[label]) for label, transform in transforms.items()})
 
     def update(updates: PyTree, state: PartitionState, params: PyTree | None = None):
-        groups = split(updates)  # labels depend on paths and shapes, which updates share with params
-        param_groups = None if params is None else split(params)
+        flat_updates = flatten(updates)
+        flat_labels = path_labels(updates, flat_updates)  # paths and shapes, which params share with updates
+        groups, param_groups = split(flat_updates, flat_labels), None
+        if params is not None:
+            flat_params = flatten(params)
+            if flat_params.keys() != flat_updates.keys():
+                raise ValueError("partition: params and updates have different leaves")
+            param_groups = split(flat_params, flat_labels)
         flat_out, new_states = {}, {}
         for label, transform in transforms.items():
             if not groups[label]:  # nothing to update (and foreach ops refuse empty lists)
@@ -113,12 +124,16 @@ def find_state(state: OptState, kind: type) -> Any | None:
     """The first sub-state of type `kind` in a (chained) state, or None."""
     if isinstance(state, kind):
         return state
-    inners = state.inner_states.values() if isinstance(state, PartitionState) else state
-    if isinstance(state, PartitionState) or isinstance(state, tuple) and not hasattr(state, "_fields"):
-        for inner in inners:  # a chain's plain tuple, a partition's groups
-            found = find_state(inner, kind)
-            if found is not None:
-                return found
+    if isinstance(state, PartitionState):
+        inners = state.inner_states.values()
+    elif isinstance(state, tuple) and not hasattr(state, "_fields"):  # a chain's plain tuple
+        inners = state
+    else:
+        return None
+    for inner in inners:
+        found = find_state(inner, kind)
+        if found is not None:
+            return found
     return None
 
 

@@ -20,10 +20,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, foreach, leaves_like, tree_flatten, tree_map_with_path, tree_unflatten, zeros_like
+from ..tree import PyTree, flatten, foreach, leaves_like, tree_flatten, tree_map_with_path, tree_unflatten, zeros_like
 from .base import GradientTransformation, chain, hyperparameter, partition, zero_count
 from .schedules import Schedule
-from .transforms import add_decayed_weights, clip_by_global_norm, scale_by_adam, scale_by_learning_rate
+from .alias import adamw
+from .transforms import add_decayed_weights, clip_by_global_norm, scale_by_learning_rate
 
 # modded-nanogpt's quintic: a, b, c chosen so that p(s) = a s + b s^3 + c s^5 has the largest
 # slope at 0 that still keeps five iterations inside [0.7, 1.2] for s in (0, 1]: a fast,
@@ -88,7 +89,7 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_steps: int =
         raise ValueError(f"ns_steps must be a non-negative int, got {ns_steps!r}")
 
     def init(params: PyTree) -> ScaleByMuonState:
-        for path, leaf in _paths_and_leaves(params):
+        for path, leaf in flatten(params).items():
             if leaf.ndim != 2:
                 raise ValueError(
                     f"muon orthogonalizes matrices, but {path or 'a leaf'} has shape {tuple(leaf.shape)}: "
@@ -158,13 +159,7 @@ def muon_adamw(
 ) -> GradientTransformation:
     """Muon for the hidden matrices and AdamW for the rest (labels: muon_labels), after one
     global-norm clip over all gradients (if max_grad_norm). Both decay by weight_decay."""
-    adam = chain(scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay),
-                 scale_by_learning_rate(adam_learning_rate))
+    adam = adamw(adam_learning_rate, b1, b2, eps, weight_decay)
     split = partition({MUON: muon(learning_rate, momentum, nesterov, ns_steps, weight_decay), ADAMW: adam}, labels)
     return split if max_grad_norm is None else chain(clip_by_global_norm(max_grad_norm), split)
 
-
-def _paths_and_leaves(tree: PyTree) -> list[tuple[str, Tensor]]:
-    found: list[tuple[str, Tensor]] = []
-    tree_map_with_path(lambda path, leaf: found.append((path, leaf)), tree)
-    return found
