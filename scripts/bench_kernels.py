@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 
-from benchlib import device_name  # noqa: E402
+from benchlib import device_name, memory_allocated, peak_memory, reset_peak_memory  # noqa: E402
 from fnlm import flash_attention  # noqa: E402
 from fnlm import nn as fnn  # noqa: E402
 from fnlm.fused_ce import linear_cross_entropy  # noqa: E402
@@ -145,7 +145,7 @@ def attention_errors(inputs) -> dict:
 
 
 def lm_head() -> dict:
-    results = {}
+    results, cuda = {}, torch.device("cuda")  # the current CUDA device, as the tensors' "cuda" below
     for tokens, d_model, vocab in LM_HEAD_SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(tokens, d_model, device="cuda", generator=g)
@@ -170,12 +170,12 @@ def lm_head() -> dict:
                 (gw, gx), loss = step(w, x)
                 torch.cuda.synchronize()
                 warmup = time.perf_counter() - start
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
+                reset_peak_memory(cuda)
+                base = memory_allocated(cuda)
                 ms = triton.testing.do_bench(lambda: step(w, x), warmup=10, rep=40)
                 reference = reference or (loss, gw, gx)
                 rows[f"{name} {mode}"] = dict(
-                    ms=ms, peak_extra_gib=(torch.cuda.max_memory_allocated() - base) / 2**30, warmup_s=warmup,
+                    ms=ms, peak_extra_gib=(peak_memory(cuda) - base) / 2**30, warmup_s=warmup,
                     loss=loss.item(), rel_err_vs_plain_eager=dict(
                         loss=(loss - reference[0]).abs().item(),
                         gw=((gw - reference[1]).abs().max() / reference[1].abs().max()).item(),

@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accounting import forward_flops  # noqa: E402
-from benchlib import device_name, synchronize  # noqa: E402
+from benchlib import device_name, memory_allocated, peak_memory, reset_peak_memory, synchronize  # noqa: E402
 from fnlm.config import AUTOCAST_DTYPES, ModelConfig  # noqa: E402
 from fnlm.data import load_tokens, resolve_device  # noqa: E402
 from fnlm.model import init_params, num_params  # noqa: E402
@@ -253,19 +253,6 @@ def flops_per_token(cfg: ModelConfig) -> int:
 
 def tree_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def memory_allocated(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
 def report(result: dict) -> None:

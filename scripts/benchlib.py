@@ -1,4 +1,4 @@
-"""What the benchmarks share: waiting for a device, and naming it in a report."""
+"""What the benchmarks share: waiting for a device, its allocated memory, and naming it in a report."""
 
 from __future__ import annotations
 
@@ -13,6 +13,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def memory_allocated(device: torch.device) -> int:
+    """Bytes the device's tensors hold now (0 off CUDA: not measured there)."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """The most bytes allocated since the last reset_peak_memory (0 off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
 def device_name(device: torch.device) -> str:
