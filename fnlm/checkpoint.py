@@ -136,13 +136,13 @@ def _load(src: PathOrFile, expected_format: str, map_location: str | torch.devic
         if not Path(src).is_file():
             raise IsADirectoryError(f"checkpoint {name} is not a file")
     try:
-        resolve_device(map_location)  # an unavailable device is no fault of the file
+        device = resolve_device(map_location)  # "auto" -> a device; an unavailable one is no fault of the file
     except RuntimeError as error:
         raise ValueError(f"cannot load {name}: {error}") from None
     if not _is_torch_file(src):
         raise CheckpointError(f"{name} is not an fnlm checkpoint: it is not a file that torch.save wrote")
     try:
-        blob = torch.load(src, map_location=map_location, weights_only=True)
+        blob = torch.load(src, map_location=device, weights_only=True)
     except pickle.UnpicklingError:  # weights_only refused an object: torch's file, but not ours
         raise CheckpointError(f"{name} is not an fnlm checkpoint: it holds objects other than tensors "
                               "and plain data (fnlm never loads those)") from None

@@ -10,6 +10,7 @@ import torch
 from fnlm import checkpoint
 from fnlm.checkpoint import CheckpointError, export_npz, load_checkpoint, save_checkpoint
 from fnlm.config import ModelConfig
+from fnlm.data import resolve_device
 from fnlm.model import init_params
 from fnlm.optim import adamw, apply_updates
 from fnlm.tree import flatten, tree_map, unflatten
@@ -145,6 +146,13 @@ def test_an_unavailable_device_is_not_blamed_on_the_file(tmp_path):
     save_checkpoint(tmp_path / "ckpt.pt", model_config=TINY, params=params, step=1)
     with pytest.raises(ValueError, match=r"cannot load .*ckpt.pt: device 'cuda' is not available: no CUDA"):
         load_checkpoint(tmp_path / "ckpt.pt", map_location="cuda")
+
+
+def test_auto_loads_onto_the_device_it_resolves_to(tmp_path):
+    params, _, _ = trained(1)
+    save_checkpoint(tmp_path / "ckpt.pt", model_config=TINY, params=params, step=1)
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt", map_location="auto")
+    assert {leaf.device.type for leaf in flatten(ckpt.params).values()} == {resolve_device("auto").type}
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
