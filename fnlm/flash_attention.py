@@ -42,9 +42,14 @@ TUNING = {
 }
 
 
+def tuning_key(head_dim: int) -> int:
+    """The TUNING entry that serves head_dim: the smallest of 32, 64, 128 that holds it."""
+    return next(size for size in (32, 64, 128) if head_dim <= size)
+
+
 def tuning(kernel: str, head_dim: int) -> tuple[int, int, int, int]:
     """The tiling of `kernel` ("forward" or "backward") for head_dim (see TUNING)."""
-    return TUNING[kernel][next(size for size in (32, 64, 128) if head_dim <= size)]
+    return TUNING[kernel][tuning_key(head_dim)]
 
 
 def supports(q: Tensor) -> bool:

@@ -84,7 +84,7 @@ def time_attention(attend, q, k, v, grad_out) -> dict:
 
 def with_tiling(kernel: str, head_dim: int, tiling: tuple[int, ...]):
     """Set one TUNING entry; returns a function that restores it."""
-    key = next(size for size in (32, 64, 128) if head_dim <= size)
+    key = flash_attention.tuning_key(head_dim)
     old = flash_attention.TUNING[kernel][key]
     flash_attention.TUNING[kernel][key] = tiling
     return lambda: flash_attention.TUNING[kernel].__setitem__(key, old)
