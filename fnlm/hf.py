@@ -35,7 +35,7 @@ from torch import Tensor
 from .config import ModelConfig
 from .files import new_folder, read_json
 from .model import lm_spec
-from .tree import PyTree, flatten, tree_leaves, unflatten
+from .tree import PyTree, flatten, tree_leaves, tree_map, unflatten
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -180,14 +180,22 @@ def interleaved_to_halves(weight: Tensor, num_heads: int) -> Tensor:
 
     Within each head, rows (0, 1, 2, 3, ...) become (0, 2, 4, ..., 1, 3, 5, ...): pair i of
     fnlm's rotation, rows 2i and 2i+1, lands on rows i and i + Dh/2, which Llama's rotates by
-    the same angle. The same permutation of q and k leaves every q.k unchanged.
+    the same angle. The same permutation of q and k leaves every q.k unchanged. The result is
+    a new contiguous tensor, never a view of `weight`.
     """
-    return weight.unflatten(0, (num_heads, -1, 2)).transpose(1, 2).flatten(0, 2).contiguous()
+    return _transpose_within_heads(weight, (num_heads, -1, 2))
 
 
 def halves_to_interleaved(weight: Tensor, num_heads: int) -> Tensor:
     """The inverse of interleaved_to_halves: (H*Dh, D) rows (0, Dh/2, 1, Dh/2 + 1, ...) per head."""
-    return weight.unflatten(0, (num_heads, 2, -1)).transpose(1, 2).flatten(0, 2).contiguous()
+    return _transpose_within_heads(weight, (num_heads, 2, -1))
+
+
+def _transpose_within_heads(weight: Tensor, rows: tuple[int, int, int]) -> Tensor:
+    """`weight`'s rows viewed as `rows` (H, a, b), axes a and b swapped, as a new contiguous tensor:
+    one copy. (Reshaping the transposed view copies too, except where it can be a view: Dh = 2.)"""
+    swapped = weight.unflatten(0, rows).transpose(1, 2)
+    return swapped.clone(memory_format=torch.contiguous_format).flatten(0, 2)
 
 
 def to_hf_state_dict(params: PyTree, cfg: ModelConfig) -> dict[str, Tensor]:
@@ -196,10 +204,9 @@ def to_hf_state_dict(params: PyTree, cfg: ModelConfig) -> dict[str, Tensor]:
     check_llama_compatible(cfg)
     state = {}
     for name, leaf in flatten(params).items():
-        hf_name = _rename(name, NAMES)
-        if name.endswith(ROTATED):
-            leaf = interleaved_to_halves(leaf, cfg.num_heads)
-        state[hf_name] = leaf.detach().clone().contiguous()
+        leaf = leaf.detach()
+        state[_rename(name, NAMES)] = (interleaved_to_halves(leaf, cfg.num_heads) if name.endswith(ROTATED)
+                                       else leaf.clone(memory_format=torch.contiguous_format))
     if cfg.tie_embeddings:  # transformers' state dict lists the tied matrix under both names
         state[NAMES["lm_head.weight"]] = state[NAMES["token_embeddings.weight"]]
     return state
@@ -305,13 +312,14 @@ def read_hf_folder(directory: str | os.PathLike) -> tuple[ModelConfig, PyTree, T
     if max(tokenizer.vocab) >= cfg.vocab_size:
         raise ValueError(f"{directory / 'tokenizer.json'} has ids up to {max(tokenizer.vocab)}, "
                          f"beyond the model's vocab_size {cfg.vocab_size}")
-    # fnlm trains float32 parameters (autocast lowers the matmuls); upcasting bf16/fp16 is exact.
-    state = {name: leaf.float() for name, leaf in read_safetensors(directory).items()}
     try:
-        params = from_hf_state_dict(state, cfg)
+        params = from_hf_state_dict(read_safetensors(directory), cfg)
     except ValueError as error:
         raise ValueError(f"{directory}: {error}") from None
-    return cfg, params, tokenizer
+    # fnlm trains float32 parameters (autocast lowers the matmuls); upcasting bf16/fp16 is exact.
+    # After from_hf_state_dict's copy, not before: a bf16 file is copied at its size, then upcast
+    # once (float() of a float32 copy is that copy).
+    return cfg, tree_map(lambda leaf: leaf.float(), params), tokenizer
 
 
 def read_safetensors(directory: str | os.PathLike) -> dict[str, Tensor]:

@@ -355,3 +355,18 @@ def test_missing_safetensors_is_one_line_naming_the_extra(trained, tmp_path, cap
     assert cli.main(["export", str(checkpoint), str(tmp_path / "hf"), "--tokenizer", str(tokenizer_dir)]) == 1
     err = capsys.readouterr().err
     assert "fnlm[hf]" in err and len(err.strip().splitlines()) == 1
+
+
+def test_state_dict_functions_copy_even_at_head_dim_2():
+    # At Dh = 2 the RoPE row permutation is the identity, which a reshape would return as a view.
+    cfg = ModelConfig(**(CFG.to_dict() | {"num_heads": CFG.d_model // 2}))
+    params = init_params(cfg, seed=3)
+    state = to_hf_state_dict(params, cfg)
+    back = from_hf_state_dict(state, cfg)
+
+    def storages(tensors):
+        return {t.untyped_storage().data_ptr() for t in tensors}
+
+    assert storages(flatten(params).values()).isdisjoint(storages(state.values()))
+    assert storages(state.values()).isdisjoint(storages(flatten(back).values()))
+    assert all(torch.equal(flatten(back)[name], leaf) for name, leaf in flatten(params).items())
