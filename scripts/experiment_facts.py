@@ -19,21 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from accounting import param_count  # noqa: E402
 from experiments import MAIN, TINYSTORIES_MODEL  # noqa: E402
 
 from fnlm.config import ModelConfig  # noqa: E402
-from fnlm.model import lm_spec  # noqa: E402
-from fnlm.tree import flatten  # noqa: E402
+from fnlm.run import read_log  # noqa: E402
 
 DOCS = ROOT / "docs"
-
-
-def param_count(cfg: ModelConfig) -> int:
-    return sum(math.prod(leaf.shape) for leaf in flatten(lm_spec(cfg)).values())
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def main() -> None:
