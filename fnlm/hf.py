@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-EOS_TOKEN = "<|endoftext|>"  # the end-of-text token of fnlm's tokenizers (and fnlm generate's --eos)
 
 # fnlm parameter name -> LlamaForCausalLM parameter name; {} is the layer index.
 NAMES = {
@@ -266,7 +265,7 @@ def export_hf(checkpoint: str | os.PathLike, directory: str | os.PathLike,
     tokenizer_config.json. The folder appears whole or not at all; an existing non-empty
     `directory` is a FileExistsError. Returns the folder."""
     from .checkpoint import load_checkpoint
-    from .hf_tokenizer import tokenizer_config, tokenizer_json
+    from .hf_tokenizer import EOS_TOKEN, tokenizer_config, tokenizer_json
     from .tokenizer import Tokenizer
 
     save_file = _safetensors().save_file

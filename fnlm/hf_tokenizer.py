@@ -32,6 +32,7 @@ from .tokenizer.pretokenize import GPT2_PATTERN
 # it matches exactly what GPT2_PATTERN does.
 HF_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+EOS_TOKEN = "<|endoftext|>"  # the end-of-text token of fnlm's tokenizers (and fnlm generate's --eos)
 
 
 def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
@@ -61,11 +62,11 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
             "type": "Sequence",
             "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": GPT2_PATTERN}, "behavior": "Isolated", "invert": False},
-                BYTE_LEVEL,
+                dict(BYTE_LEVEL),  # a copy here and in "decoder": the caller may edit the dict
             ],
         },
         "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "decoder": dict(BYTE_LEVEL),
         "model": {
             "type": "BPE",
             "dropout": None,
@@ -82,7 +83,7 @@ def tokenizer_json(tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def tokenizer_config(tokenizer: Tokenizer, *, model_max_length: int,
-                     eos_token: str = "<|endoftext|>") -> dict[str, Any]:
+                     eos_token: str = EOS_TOKEN) -> dict[str, Any]:
     """tokenizer_config.json for AutoTokenizer: the generic fast tokenizer over tokenizer.json,
     adding no BOS/EOS and cleaning up no spaces (so its ids and text are fnlm's)."""
     config: dict[str, Any] = {
