@@ -33,8 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from accounting import param_count  # noqa: E402
+from benchlib import synchronize  # noqa: E402
 from fnlm.config import ModelConfig, TrainConfig  # noqa: E402
-from fnlm.model import init_params, num_params  # noqa: E402
+from fnlm.model import init_params  # noqa: E402
 from fnlm.sweep import make_sweep_step, stack  # noqa: E402
 from fnlm.train import make_loss_fn, make_optimizer, make_train_step  # noqa: E402
 
@@ -86,7 +88,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "model": cfg.to_dict(),
-        "parameters": num_params(init_params(cfg)),
+        "parameters": param_count(cfg),
         "data": {"train": str(args.train), "val": str(args.val), "train_tokens": len(train_tokens),
                  "val_tokens_per_eval": args.eval_batches * args.batch_size * args.context_length},
         "batch_size": args.batch_size, "steps": args.steps,
@@ -159,9 +161,10 @@ def run_sweep(name, cfg, train_cfg, hparams, batches, val_batches, args, device,
     place of train_cfg's (the first of hparams names the runs); curves and timings."""
     lrs = next(iter(hparams.values()))
     runs = len(lrs)
-    params = stack([init_params(cfg, seed=args.seed, device=device)] * runs)
+    initial = init_params(cfg, seed=args.seed, device=device)  # stack copies it; optimizer inits only read it
+    params = stack([initial] * runs)
     opt_state = stack([make_optimizer(dataclasses.replace(train_cfg, **{n: v[k] for n, v in hparams.items()})).init(
-        init_params(cfg, seed=args.seed, device=device)) for k in range(runs)])
+        initial) for k in range(runs)])
     hparams = {name: torch.tensor(values, device=device) for name, values in hparams.items()}
     alive = torch.ones(runs, dtype=torch.bool, device=device)
     step = make_sweep_step(cfg, train_cfg, autocast_dtype=amp, device_type=device.type)
@@ -215,7 +218,7 @@ def leaderboard(args, train_tokens, val_tokens, device, amp):
     cfg, train_cfg = ModelConfig.from_dict(config["model"]), TrainConfig.from_dict(config["train"])
     batch = train_cfg.batch_size
     out = {"config": str(args.leaderboard), "model": cfg.to_dict(), "train": train_cfg.to_dict(),
-           "parameters": num_params(init_params(cfg))}
+           "parameters": param_count(cfg)}
     batches = Batches(train_tokens, batch, cfg.context_length, args.seed + 7)
     throughput = {}
     for kind in ("adamw", "muon"):
@@ -263,11 +266,6 @@ def leaderboard(args, train_tokens, val_tokens, device, amp):
                         "val_loss": val_loss, "val_tokens": len(val) * batch * cfg.context_length}
     print(f"leaderboard short run: {out['short_run']}", flush=True)
     return out
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def write(path, result):
