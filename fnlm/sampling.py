@@ -96,8 +96,7 @@ def draw_uniforms(generators: Sequence[torch.Generator], count: int, device: tor
     """(B, count) float32 on `device`: row b holds `count` uniforms in (0, 1] drawn from
     generators[b] on the generator's own device, so a CPU generator gives the same numbers
     whichever device decodes."""
-    rows = [1 - torch.rand(count, generator=g, device=g.device) for g in generators]  # 1 - [0, 1)
-    return torch.stack([row.to(device) for row in rows])
+    return torch.stack([_uniforms(count, g).to(device) for g in generators])
 
 
 def sample_probs(probs: Tensor, generator: torch.Generator) -> Tensor:
@@ -108,8 +107,13 @@ def sample_probs(probs: Tensor, generator: torch.Generator) -> Tensor:
     """
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    uniforms = 1 - torch.rand(probs.shape[:-1], generator=generator, device=generator.device)
+    uniforms = _uniforms(probs.shape[:-1], generator)
     return sample_uniform(probs.to(generator.device), uniforms).to(probs.device)
+
+
+def _uniforms(shape: int | Sequence[int], generator: torch.Generator) -> Tensor:
+    """`shape` float32 uniforms in (0, 1] (sample_uniform excludes 0) on the generator's device."""
+    return 1 - torch.rand(shape, generator=generator, device=generator.device)  # 1 - [0, 1)
 
 
 def sample_logits(
