@@ -47,9 +47,7 @@ def encode_file(tokenizer: Tokenizer, input_path: str | os.PathLike, output_path
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether paths a and b name one file (through symlinks, '..' or hard links)."""
-    if Path(a).resolve() == Path(b).resolve():
-        return True
+    """Whether paths a and b name one existing file (through symlinks, '..' or hard links)."""
     try:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist
