@@ -88,12 +88,13 @@ def timed(call, device: torch.device) -> tuple[float, object]:
 
 
 def measure(run, device: torch.device, repeats: int) -> dict:
-    """run(max_new_tokens) -> completions (B lists of ids). A warm-up call (compiles), the best of
-    `repeats` timed calls, and the time of a one-token call (the time to the first token)."""
-    first_call, _ = timed(lambda: run(None), device)
+    """run(max_new_tokens) -> completions (B lists of ids); run() decodes every new token. A warm-up
+    call (compiles), the best of `repeats` timed calls, and the time of a one-token call (the time
+    to the first token)."""
+    first_call, _ = timed(run, device)
     best, completions = float("inf"), None
     for _ in range(repeats):
-        seconds, completions = timed(lambda: run(None), device)
+        seconds, completions = timed(run, device)
         best = min(best, seconds)
     ttft = min(timed(lambda: run(1), device)[0] for _ in range(2))
     tokens = sum(len(c) for c in completions)
@@ -123,8 +124,7 @@ def hf_paths(model, prompts: list[list[int]], new_tokens: int, device: torch.dev
 
     def runner(cache_implementation: str | None):
         @torch.no_grad()
-        def run(max_new_tokens: int | None):
-            count = max_new_tokens or new_tokens
+        def run(count: int = new_tokens):
             out = model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=count, min_new_tokens=count,
                 do_sample=False, cache_implementation=cache_implementation,
@@ -154,14 +154,18 @@ def diagnose(params, cfg: ModelConfig, prompt: list[int], common: list[int], cho
     """At a step where two paths chose different tokens after prompt + common: the float32 logits
     of both choices, their gap, and how far the model's own dtype moves the logits there."""
     sequence = prompt + common
-    window = torch.tensor([sequence[window_start(len(sequence), cfg.context_length):]],
-                          device=params["token_embeddings"]["weight"].device)
+    window = sequence[window_start(len(sequence), cfg.context_length):]
+    prefix = sequence[-cfg.context_length:]
+    device = params["token_embeddings"]["weight"].device
     params32 = tree_map(lambda leaf: leaf.float(), params)
-    exact = transformer_lm(params32, window, cfg)[0, -1]  # (V,)
-    rounded = transformer_lm(params, window, cfg)[0, -1].float()
-    # The float32 top-2 gaps along the sequence so far: how close a typical choice is.
-    prefix = torch.tensor([sequence[-cfg.context_length:]], device=window.device)
-    top2 = transformer_lm(params32, prefix, cfg)[0].topk(2, dim=-1).values  # (T, 2)
+    window_logits = transformer_lm(params32, torch.tensor([window], device=device), cfg)[0]  # (T, V)
+    exact = window_logits[-1]  # (V,)
+    rounded = transformer_lm(params, torch.tensor([window], device=device), cfg)[0, -1].float()
+    # The float32 top-2 gaps along the sequence so far: how close a typical choice is. While the
+    # sequence fits the context, the prefix is the window: its logits are at hand.
+    prefix_logits = window_logits if prefix == window else transformer_lm(
+        params32, torch.tensor([prefix], device=device), cfg)[0]
+    top2 = prefix_logits.topk(2, dim=-1).values  # (T, 2)
     a, b = choices
     return {
         "tokens": [a, b], "float32_logits": [exact[a].item(), exact[b].item()],
@@ -238,8 +242,8 @@ def main() -> None:
         uncached = (device.type == "cpu" or batch == 1) if args.uncached is None else args.uncached
         runs = {}
         for name, kwargs in fnlm_paths(device, compile, uncached).items():
-            runs[name] = lambda count, kwargs=kwargs: generate(
-                params, cfg, prompts, max_new_tokens=count or args.new_tokens, temperature=0, **kwargs)
+            runs[name] = lambda count=args.new_tokens, kwargs=kwargs: generate(
+                params, cfg, prompts, max_new_tokens=count, temperature=0, **kwargs)
         if hf_model_ is not None:
             runs |= hf_paths(hf_model_, prompts, args.new_tokens, device)
         print(f"\n{key}:")
