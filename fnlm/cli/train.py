@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import sys
 import tomllib
@@ -35,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, TrainConfig
-
-DATA_FIELDS = ("train_data", "val_data")
 
 HELP = {  # one line per config field; the default (or "required") is added from the dataclass
     "vocab_size": "vocabulary size: token ids are in [0, vocab_size)",
@@ -120,9 +117,6 @@ def run_train(args: argparse.Namespace) -> int:
         section, _, name = key.partition(".")
         if section in flags:
             flags[section][name] = value
-    for name in DATA_FIELDS:  # the same file whatever the working folder (config.json, resume)
-        if flags["train"].get(name):
-            flags["train"][name] = os.path.abspath(flags["train"][name])
     resume, reschedule = getattr(args, "resume", False), getattr(args, "reschedule", False)
     if reschedule and not resume:
         raise ValueError("--reschedule applies to --resume only")
@@ -163,7 +157,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _new_configs(config_file: Path | None, flags: dict[str, dict[str, Any]]) -> tuple[ModelConfig, TrainConfig]:
     """The configs of a new run, checked in the order that names the first real problem: the
-    files (--config, the data), then the required model flags, then the values."""
+    files (--config, the data), then the required model flags, then the values. Data paths are
+    made absolute by the run layer (fnlm.run.loop.with_absolute_paths)."""
+    from ..run.state import DATA_FIELDS
+
     base = _read_config_file(config_file) if config_file else {"model": {}, "train": {}}
     model, train = base["model"] | flags["model"], base["train"] | flags["train"]
     for name in DATA_FIELDS:
