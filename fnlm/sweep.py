@@ -49,13 +49,17 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
 
 
 def unstack(tree: PyTree, *, device: str | torch.device | None = None) -> list[PyTree]:
-    """The inverse of `stack`: K trees, each leaf a fresh copy (not a view that would keep, or
-    save, the whole stack), on `device` (default: where the stack is)."""
+    """The inverse of `stack`: K trees, run_of each run."""
     leaves = tree_leaves(tree)
     if not leaves:
         raise ValueError("unstack needs a tree with at least one tensor")
-    runs = leaves[0].shape[0]
-    return [tree_map(lambda leaf: leaf[k].to(device or leaf.device, copy=True), tree) for k in range(runs)]
+    return [run_of(tree, k, device=device) for k in range(leaves[0].shape[0])]
+
+
+def run_of(tree: PyTree, k: int, *, device: str | torch.device | None = None) -> PyTree:
+    """Run k of a stacked tree, each leaf a fresh copy (not a view that would keep, or save, the
+    whole stack), on `device` (default: where the stack is)."""
+    return tree_map(lambda leaf: leaf[k].to(device or leaf.device, copy=True), tree)
 
 
 # --- the step ----------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ from ..checkpoint import save_checkpoint
 from ..config import ModelConfig, TrainConfig
 from ..data import eval_batches, gather_windows, load_tokens, resolve_device, sample_starts
 from ..progress import Progress
-from ..sweep import make_sweep_step, stack
+from ..sweep import make_sweep_step, run_of, stack
 from ..train import eval_result, evaluate, make_loss_fn, make_optimizer, make_schedule, make_train_step, parse_autocast
-from ..tree import PyTree, foreach, tree_leaves, tree_map
+from ..tree import PyTree, foreach, tree_leaves
 from . import state as run_state
 from .folder import LOG, RunLog, checkpoint_path, locked, plot_losses, plot_sweep, rotate_checkpoints, save_run_config
 from .state import NOT_DIVERGED, Run, RunState
@@ -153,8 +153,8 @@ def train_sweep(model_cfg: ModelConfig, base: TrainConfig, axes: Sequence[Axis],
             params, opt_state, metrics = step(params, opt_state, hparams, alive, x, y)
             return params, opt_state, torch.stack([metrics.loss, metrics.grad_norm, metrics.lr], 1), metrics.alive
 
-        def run_tree(tree: PyTree, k: int) -> PyTree:  # a copy, not a view that would save the whole stack
-            return tree_map(lambda leaf: leaf[k].to("cpu", copy=True), tree)
+        def run_tree(tree: PyTree, k: int) -> PyTree:  # for a checkpoint: on the CPU, not the whole stack
+            return run_of(tree, k, device="cpu")
 
         state = RunState(stack(start.params), stack(start.opt_states), start.step, generators, start.wall_s,
                          _diverged_tensor(start.diverged_at, device))
