@@ -23,12 +23,15 @@ from typing import Any, NamedTuple
 
 from ..config import ModelConfig, TrainConfig
 from ..files import write_json
+from ..train import TENSOR_HPARAMS
 from .folder import configs_from, read_json
 
 # TrainConfig fields a sweep may vary: fnlm.train.TENSOR_HPARAMS, tensors inside the step, and
-# the seed, which chooses the initial parameters and, with the per-run stream, the batches.
-AXES: dict[str, type] = {"lr": float, "min_lr": float, "warmup_steps": int, "cosine_steps": int,
-                         "weight_decay": float, "max_grad_norm": float, "muon_lr": float, "seed": int}
+# the seed, which chooses the initial parameters and, with the per-run stream, the batches. Each
+# is an int or a float field ("int | None" sweeps ints: None is no point of a grid).
+_FIELD_TYPES = {field.name: str(field.type) for field in dataclasses.fields(TrainConfig)}
+AXES: dict[str, type] = {name: int if _FIELD_TYPES[name].startswith("int") else float
+                         for name in (*TENSOR_HPARAMS, "seed")}
 STREAMS = ("per-run", "same")
 SWEEP_FILE = "sweep.json"
 Axis = tuple[tuple[str, ...], list[tuple[Any, ...]]]  # (names, one value tuple per point)
