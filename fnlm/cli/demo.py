@@ -23,7 +23,6 @@ import gzip
 import io
 import json
 import math
-import re
 import shutil
 import sys
 import time
@@ -82,6 +81,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ..config import TrainConfig
     from ..data import resolve_device
     from ..run import read_log, train
+    from ..run.folder import LOG, checkpoints
     from ..run.process import keep_freed_memory
     from ..tokenizer import Tokenizer, train_bpe
     from ..tokenizer.encode_file import encode_file
@@ -126,13 +126,13 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{model_cfg.context_length} tokens ({steps * tokens_per_step / counts['train']:.1f} passes over the "
           f"training tokens) on {device}, {train_cfg.optimizer}")
     result = train(model_cfg, train_cfg, run / "model", show_progress=not args.no_progress)
-    checkpoints = checkpoints_by_step(run / "model" / "checkpoints")
-    best = best_validation(read_log(run / "model" / "log.jsonl"), checkpoints)
+    saved = checkpoints(run / "model")
+    best = best_validation(read_log(run / "model" / LOG), saved)
     if best is None:
         print("fnlm demo: training stopped before a validated checkpoint was written", file=sys.stderr)
         return 1
     best_step, best_loss = best
-    for step, path in checkpoints.items():  # keep the story's checkpoint and the last one
+    for step, path in saved.items():  # keep the story's checkpoint and the last one
         if step not in (best_step, result.step):
             path.unlink()
 
@@ -140,7 +140,7 @@ def run_demo(args: argparse.Namespace) -> int:
           "temperature 0.8, top-p 0.95")
     print()
     story = io.StringIO()
-    generate_samples(checkpoints[best_step], run / "tokenizer", args.prompt, max_new_tokens=256, temperature=0.8,
+    generate_samples(saved[best_step], run / "tokenizer", args.prompt, max_new_tokens=256, temperature=0.8,
                      top_p=0.95, seed=args.seed, eos=SPECIAL_TOKENS[0], device=str(device),
                      out=Tee(sys.stdout, story), notes=sys.stderr)
     print()
@@ -160,7 +160,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "story": story.getvalue(), "seconds": seconds,
     }, indent=1) + "\n")
     print(f"loss curve  {run / 'model' / 'loss_curve.png'}")
-    print(f"checkpoint  {checkpoints[best_step]}")
+    print(f"checkpoint  {saved[best_step]}")
     print(f"tokenizer   {run / 'tokenizer'}")
     print(f"summary     {run / 'demo.json'}")
     print(f"done in {seconds:.0f} s")
@@ -187,16 +187,6 @@ def best_validation(records: list[dict], checkpoints: dict[int, Path]) -> tuple[
         return None
     loss, step = min(validated)
     return step, loss
-
-
-def checkpoints_by_step(folder: Path) -> dict[int, Path]:
-    """step -> path of the run loop's checkpoints (named by their zero-padded step)."""
-    found = {}
-    for path in folder.glob("*.pt"):
-        digits = re.findall(r"\d+", path.stem)
-        if digits:
-            found[int(digits[-1])] = path
-    return dict(sorted(found.items()))
 
 
 def longest_shared_span(text: str, corpus: str) -> str:

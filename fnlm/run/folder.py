@@ -73,14 +73,23 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step:07d}.pt"
 
 
+def checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """step -> path of the run folder's checkpoints (checkpoint_path's names), oldest first."""
+    found = {}
+    for path in (Path(run_dir) / CHECKPOINTS).glob("step_*.pt"):
+        digits = path.stem.removeprefix("step_")
+        if digits.isdecimal():  # not isdigit(): int() cannot read "²"
+            found[int(digits)] = path
+    return dict(sorted(found.items()))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = sorted((Path(run_dir) / CHECKPOINTS).glob("step_*.pt"))
-    return found[-1] if found else None
+    return next(reversed(checkpoints(run_dir).values()), None)
 
 
 def rotate_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints."""
-    for old in sorted((Path(run_dir) / CHECKPOINTS).glob("step_*.pt"))[:-keep]:
+    for old in list(checkpoints(run_dir).values())[:-keep]:
         old.unlink()
 
 
