@@ -302,12 +302,12 @@ def read_hf_folder(directory: str | os.PathLike) -> tuple[ModelConfig, PyTree, T
     from .hf_tokenizer import tokenizer_from_json
 
     directory = Path(directory)
-    config = _read_json(directory / CONFIG_FILE)
+    config = read_json(directory / CONFIG_FILE)
     try:
         cfg = model_config_from_hf(config)
     except ValueError as error:
         raise ValueError(f"{directory / CONFIG_FILE}: {error}") from None
-    tokenizer = tokenizer_from_json(_read_json(directory / "tokenizer.json"), where=directory / "tokenizer.json")
+    tokenizer = tokenizer_from_json(read_json(directory / "tokenizer.json"), where=directory / "tokenizer.json")
     if max(tokenizer.vocab) >= cfg.vocab_size:
         raise ValueError(f"{directory / 'tokenizer.json'} has ids up to {max(tokenizer.vocab)}, "
                          f"beyond the model's vocab_size {cfg.vocab_size}")
@@ -343,9 +343,3 @@ def _safetensors() -> Any:
         raise ImportError("the Hugging Face format needs safetensors: pip install 'fnlm[hf]' "
                           "(or uv sync --extra hf)") from None
     return safetensors.torch
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    return read_json(path)
