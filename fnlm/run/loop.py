@@ -295,6 +295,12 @@ class _Loop:
         self.window_lr = torch.zeros(k, device=self.device)  # each run's latest rate, as its step reported it
         self.window_steps, self.window_start = 0, time.perf_counter()
 
+    def _window_totals(self) -> tuple[list[list[float]], list[int], list[float]]:
+        """Per run: the window's (loss, grad norm) sums, steps taken and latest rate, in one device read.
+        The counts travel as float32 beside the sums: exact up to 2**24 steps a window."""
+        rows = torch.cat([self.window_sums, self.window_counts.unsqueeze(1), self.window_lr.unsqueeze(1)], 1).tolist()
+        return [row[:2] for row in rows], [int(row[2]) for row in rows], [row[3] for row in rows]
+
     def _record_divergences(self) -> None:
         """Log (and, in a sweep, checkpoint at their frozen last finite state) the runs that
         diverged since the last look: their finite steps' partial window and a "diverged" record."""
@@ -302,7 +308,7 @@ class _Loop:
         new = [k for k, step in enumerate(died) if step >= 0 and self.died_at[k] is None]
         if not new:
             return
-        sums, counts, lrs = self.window_sums.tolist(), self.window_counts.tolist(), self.window_lr.tolist()
+        sums, counts, lrs = self._window_totals()
         seconds = time.perf_counter() - self.window_start
         for k in new:
             step = died[k]
@@ -320,7 +326,7 @@ class _Loop:
 
     def _log_window(self) -> None:
         self._record_divergences()
-        sums, counts, lrs = self.window_sums.tolist(), self.window_counts.tolist(), self.window_lr.tolist()  # one sync
+        sums, counts, lrs = self._window_totals()
         seconds = time.perf_counter() - self.window_start
         for k, died in enumerate(self.died_at):
             if died is None and counts[k]:
