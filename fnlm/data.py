@@ -64,11 +64,8 @@ def load_tokens(
         raise ValueError(f"{path}: not a readable token array ({error})") from None
     if tokens.ndim != 1:
         raise ValueError(f"{path}: expected a 1-D token array, got shape {tokens.shape}")
-    if context_length is not None and len(tokens) < context_length + 1:
-        raise ValueError(
-            f"{path}: {len(tokens)} tokens is too short for context_length {context_length}: "
-            f"a window needs context_length + 1 = {context_length + 1} tokens"
-        )
+    if context_length is not None:
+        _check_holds_a_window(len(tokens), context_length, what=f"{path}: {len(tokens)} tokens")
     if vocab_size is not None:
         check_token_ids(tokens, vocab_size, name=str(path))
     return tokens
@@ -94,11 +91,7 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, *, name: str = "tokens"
 def sample_starts(num_tokens: int, batch_size: int, context_length: int, *, generator: torch.Generator) -> Tensor:
     """B window starts, uniform over every valid start 0 .. N - T - 1 -> (B,) int64 (CPU)."""
     _check_positive(batch_size=batch_size, context_length=context_length)
-    if num_tokens < context_length + 1:
-        raise ValueError(
-            f"dataset of {num_tokens} tokens is too short for context_length {context_length}: "
-            f"a window needs context_length + 1 = {context_length + 1} tokens"
-        )
+    _check_holds_a_window(num_tokens, context_length, what=f"dataset of {num_tokens} tokens")
     return torch.randint(0, num_tokens - context_length, (batch_size,), generator=generator)
 
 
@@ -156,6 +149,13 @@ def eval_batches(
         first = batch * batch_size
         starts = torch.arange(first, min(first + batch_size, num_windows)) * context_length
         yield gather_windows(tokens, starts, context_length, device)
+
+
+def _check_holds_a_window(num_tokens: int, context_length: int, *, what: str) -> None:
+    """ValueError "WHAT is too short for context_length ..." unless num_tokens >= context_length + 1."""
+    if num_tokens < context_length + 1:
+        raise ValueError(f"{what} is too short for context_length {context_length}: "
+                         f"a window needs context_length + 1 = {context_length + 1} tokens")
 
 
 def _check_positive(**values: int) -> None:

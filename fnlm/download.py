@@ -277,7 +277,7 @@ def receive(
             os.fsync(out.fileno())
     if total is not None and size < total:
         raise Interrupted(f"{url}: connection closed after {size} of {total} bytes; {part} keeps them")
-    if total is not None and size != total:
+    if total is not None and size > total:
         discard(part)
         raise ChecksumError(f"{url}: received {size} bytes, but the server announced {total}; deleted {part}")
     return Digest(size, hasher.hexdigest())
