@@ -39,7 +39,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import Fnlm, Reference  # noqa: E402
-from benchlib import device_name  # noqa: E402
+from benchlib import command_line, device_name, write_json  # noqa: E402
 from fnlm.config import ModelConfig  # noqa: E402
 from fnlm.model import init_params  # noqa: E402
 
@@ -121,7 +121,7 @@ def main() -> None:
               f"| loss after {args.steps + 1} steps fnlm {fnlm['losses'][-1]:.4f}, reference "
               f"{reference['losses'][-1]:.4f} (max gap {row['max_loss_gap']:.1e})", flush=True)
     run = {
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": command_line(),
         "commit": commit,
         "device": device_name(torch.device("cpu")),
         "torch": torch.__version__,
@@ -133,8 +133,7 @@ def main() -> None:
     if args.out:
         merged = json.loads(args.out.read_text()) if args.out.exists() else {}
         merged[args.label] = run
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(merged, indent=2) + "\n")
+        write_json(args.out, merged, indent=2)
 
 
 if __name__ == "__main__":

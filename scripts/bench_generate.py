@@ -37,7 +37,7 @@ from fnlm.config import ModelConfig  # noqa: E402
 from fnlm.decode import generate, window_start  # noqa: E402
 from fnlm.model import init_params, num_params, transformer_lm  # noqa: E402
 from fnlm.tree import tree_map  # noqa: E402
-from benchlib import device_name, synchronize  # noqa: E402
+from benchlib import device_name, synchronize, write_json  # noqa: E402
 
 REFERENCE = "fnlm dynamic cache"
 
@@ -302,12 +302,11 @@ def float32_check(params, cfg: ModelConfig, args: argparse.Namespace, device: to
 def write(path: Path | None, report: dict) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     slim = json.loads(json.dumps(report))
     for results in slim["results"].values():
         for r in results.values():
             r.pop("completions", None)
-    path.write_text(json.dumps(slim, indent=2) + "\n")
+    write_json(path, slim, indent=2)
 
 
 if __name__ == "__main__":

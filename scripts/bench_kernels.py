@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 
-from benchlib import device_name, memory_allocated, peak_memory, reset_peak_memory  # noqa: E402
+from benchlib import (  # noqa: E402
+    command_line, device_name, memory_allocated, peak_memory, reset_peak_memory, write_json,
+)
 from fnlm import flash_attention  # noqa: E402
 from fnlm import nn as fnn  # noqa: E402
 from fnlm.fused_ce import linear_cross_entropy  # noqa: E402
@@ -187,7 +189,7 @@ def lm_head() -> dict:
 
 def main() -> None:
     args = parse_args()
-    result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "device": device_name(torch.device("cuda")),
+    result = {"command": command_line(), "device": device_name(torch.device("cuda")),
               "torch": torch.__version__, "triton": triton.__version__,
               "tuning": {kernel: {str(k): v for k, v in table.items()} for kernel, table in flash_attention.TUNING.items()}}
     if args.part in ("attention", "all"):
@@ -195,8 +197,7 @@ def main() -> None:
     if args.part in ("lm-head", "all"):
         result["lm_head"] = lm_head()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ reference's eager-vs-compiled gap is the noise floor to read fnlm's gap against.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -46,7 +45,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accounting import forward_flops  # noqa: E402
-from benchlib import device_name, memory_allocated, peak_memory, reset_peak_memory, synchronize  # noqa: E402
+from benchlib import (  # noqa: E402
+    command_line, device_name, memory_allocated, peak_memory, reset_peak_memory, synchronize, write_json,
+)
 from fnlm.config import AUTOCAST_DTYPES, ModelConfig  # noqa: E402
 from fnlm.data import load_tokens, resolve_device  # noqa: E402
 from fnlm.model import init_params, num_params  # noqa: E402
@@ -188,7 +189,7 @@ def main() -> None:
         for mode in ("eager", "compiled") if f"fnlm {mode}" in variants
     }
     result = {
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": command_line(),
         "device": device_name(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -222,8 +223,7 @@ def main() -> None:
     }
     report(result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result, indent=2)
 
 
 def make_batches(args, cfg: ModelConfig, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:

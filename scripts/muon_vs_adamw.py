@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accounting import param_count  # noqa: E402
-from benchlib import synchronize  # noqa: E402
+from benchlib import synchronize, write_json  # noqa: E402
 from fnlm.config import ModelConfig, TrainConfig  # noqa: E402
 from fnlm.model import init_params  # noqa: E402
 from fnlm.sweep import make_sweep_step, stack  # noqa: E402
@@ -269,8 +269,7 @@ def leaderboard(args, train_tokens, val_tokens, device, amp):
 
 
 def write(path, result):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(path, result, indent=1)
 
 
 def plot(result, path):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import BATCH_SIZES, CONFIGS, Fnlm, Reference, make_batches  # noqa: E402
-from benchlib import device_name  # noqa: E402
+from benchlib import command_line, device_name, write_json  # noqa: E402
 from fnlm.config import ModelConfig  # noqa: E402
 from fnlm.model import init_params  # noqa: E402
 
@@ -69,7 +68,7 @@ def main() -> None:
     args.batch_size, args.data, args.batches, args.seed = BATCH_SIZES[args.config], None, 8, 0
     batches = make_batches(args, cfg, device)
     params = init_params(cfg, device=device)
-    result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "device": device_name(device),
+    result = {"command": command_line(), "device": device_name(device),
               "torch": torch.__version__, "config": cfg.to_dict(), "batch_size": args.batch_size}
     for name, cls in (("fnlm compiled", Fnlm), ("reference compiled", Reference)):
         side = cls(cfg, params, torch.bfloat16, device, True, None)
@@ -91,8 +90,7 @@ def main() -> None:
         for kernel, ms in result[name]["top_kernels_ms"].items():
             print(f"    {ms:7.3f}  {family(kernel):16s} {kernel}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":
