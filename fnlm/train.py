@@ -9,8 +9,7 @@ and optimizer state stay in their own dtype (float32): autocast, when asked, cov
 forward pass, and the loss is float32. With compile=True the whole step (gradient and update)
 is one torch.compile'd function; the gradient transform is never applied to a compiled function.
 With donate=True the step writes its results into the params and optimizer state it was given
-(jax.jit's donate_argnums), which lets the compiled step update them in place and a CUDA graph
-replay it (`cuda_graphed`). The run itself (data, logging, checkpoints) lives in fnlm.run.
+(jax.jit's donate_argnums), which lets a CUDA graph replay it (`cuda_graphed`). The run itself (data, logging, checkpoints) lives in fnlm.run.
 """
 
 from __future__ import annotations
@@ -134,11 +133,9 @@ def make_train_step(
     maps (grads, loss) to their mean over data-parallel workers between the gradient and the
     update; the collective runs eagerly between two compiled halves.
 
-    donate=True: the step writes the new params and opt_state into the tensors it was given and
-    returns those same trees, so the caller must not keep the old values (jax.jit's
-    donate_argnums). Compiled, the update then runs in place: no second copy of the weights and
-    optimizer state at the step's peak, and fixed addresses for `cuda_graphed`. The values are
-    the pure step's.
+    donate=True: the step copies the new params and opt_state into the tensors it was given and
+    returns those same trees (jax.jit's donate_argnums: the caller must not keep the old values),
+    which gives `cuda_graphed` fixed addresses. The values are the pure step's.
     """
     value_and_grad = torch.func.grad_and_value(make_loss_fn(cfg, autocast_dtype=autocast_dtype, device_type=device_type))
 
@@ -147,8 +144,7 @@ def make_train_step(
         updates, new_state = optimizer.update(grads, opt_state, params)
         clip = find_state(new_state, ClipByGlobalNormState)  # the clip already measured the norm
         grad_norm = global_norm(grads).float() if clip is None else clip.grad_norm
-        new = (apply_updates(params, updates), new_state)
-        return *(write_into((params, opt_state), new) if donate else new), StepMetrics(loss, grad_norm, lr)
+        return apply_updates(params, updates), new_state, StepMetrics(loss, grad_norm, lr)
 
     def learning_rate(opt_state: OptState, device: torch.device) -> Tensor:
         counter = find_state(opt_state, ScaleByScheduleState)
@@ -161,19 +157,28 @@ def make_train_step(
 
     if grad_sync is None:
 
-        def step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
+        def pure_step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
             grads, loss = value_and_grad(params, x, y)
             return update(params, opt_state, grads, loss)
 
-        return compiled(step)
+        step = compiled(pure_step)
+    else:
+        gradient, apply = compiled(value_and_grad), compiled(update)
 
-    gradient, apply = compiled(value_and_grad), compiled(update)
+        def step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
+            grads, loss = grad_sync(gradient(params, x, y))
+            return apply(params, opt_state, grads, loss)
 
-    def synced_step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
-        grads, loss = grad_sync(gradient(params, x, y))
-        return apply(params, opt_state, grads, loss)
+    if not donate:
+        return step
 
-    return synced_step
+    def donated_step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
+        # The write stays outside torch.compile: inside it, torch 2.11's in-place update trained
+        # to wrong losses at half the speed on an H200 (docs/experiments.md).
+        new_params, new_state, metrics = step(params, opt_state, x, y)
+        return *write_into((params, opt_state), (new_params, new_state)), metrics
+
+    return donated_step
 
 
 def write_into(tree: PyTree, values: PyTree) -> PyTree:

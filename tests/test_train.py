@@ -86,9 +86,8 @@ def test_a_donated_step_writes_the_pure_step_into_its_inputs(name):
 
 @pytest.mark.slow
 def test_a_compiled_donated_step_matches_the_compiled_pure_step():
-    """Compiled, the donation is inductor's in-place update; the values stay the pure step's (to
-    rounding: the embedding gradient's compiled scatter-add sums in no fixed order on the CPU, so
-    two compiled pure runs differ there as much)."""
+    """Compiled, the values stay the pure step's (to rounding: the embedding gradient's compiled
+    scatter-add sums in no fixed order on the CPU, so two compiled pure runs differ there as much)."""
     cfg, optimizer = dataclasses.replace(TINY, num_layers=1), OPTIMIZERS["adamw"]
     params = init_params(cfg, seed=0)
     results = [run_steps(make_train_step(cfg, optimizer, compile=True, donate=donate),
