@@ -223,12 +223,17 @@ def check_token_ids(token_ids: Tensor, cfg: ModelConfig) -> None:
         raise ValueError(
             f"sequence length {token_ids.shape[-1]} exceeds context_length {cfg.context_length}"
         )
-    capturing = token_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-    if torch.compiler.is_compiling() or _under_vmap() or capturing:
+    if torch.compiler.is_compiling() or _under_vmap() or _capturing(token_ids):
         return
     if token_ids.numel() and bool(((token_ids < 0) | (token_ids >= cfg.vocab_size)).any()):
         bad = token_ids[(token_ids < 0) | (token_ids >= cfg.vocab_size)][0].item()
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+
+
+def _capturing(tensor: Tensor) -> bool:
+    """Inside a CUDA graph capture on the tensor's device (never asked while compiling: dynamo
+    cannot trace the query)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _under_vmap() -> bool:

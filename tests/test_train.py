@@ -213,11 +213,14 @@ def test_cli_reads_a_toml_config_with_flag_overrides_and_guards_resume(tmp_path,
     assert set(np.load(tmp_path / "params.npz")) == set(flatten(init_params(TINY))) | {"config.json"}
 
 
-def test_the_whole_step_traces_as_one_graph():
-    """No graph breaks: torch.compile gets gradient, clipping, schedule and update in one graph."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_the_whole_step_traces_as_one_graph(device):
+    """No graph breaks: torch.compile gets gradient, clipping, schedule and update in one graph
+    (a break inside the gradient transform would run the whole step eagerly)."""
     optimizer = adamw(warmup_cosine_schedule(1e-3, 1e-4, 2, 10), weight_decay=0.1, max_grad_norm=1.0)
-    params, (x, y) = init_params(TINY), batch()
-    step = make_train_step(TINY, optimizer, autocast_dtype=torch.bfloat16)
+    params, (x, y) = init_params(TINY, device=device), (ids.to(device) for ids in batch())
+    step = make_train_step(TINY, optimizer, autocast_dtype=torch.bfloat16, device_type=device)
     explanation = torch._dynamo.explain(step)(params, optimizer.init(params), x, y)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
 
