@@ -127,7 +127,6 @@ class TrainConfig:
     device: str = "auto"
     autocast: str = "none"  # "bfloat16": autocast the forward on CUDA / CPU
     compile: bool | None = None  # None (auto): compile on CUDA, eager elsewhere (TrainConfig.compiles)
-    cuda_graph: bool | None = None  # None (auto): where the step compiles on one CUDA device (TrainConfig.graphs)
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "steps", "log_every", "keep_checkpoints")
@@ -152,10 +151,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ValueError(f"TrainConfig.autocast must be one of {AUTOCAST_DTYPES}, got {self.autocast!r}")
-        for name in ("compile", "cuda_graph"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, bool):
-                raise ValueError(f"TrainConfig.{name} must be a bool or None (auto), got {value!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"TrainConfig.compile must be a bool or None (auto), got {self.compile!r}")
         for name in ("lr", "min_lr", "beta1", "beta2", "adam_eps", "weight_decay", "max_grad_norm", "muon_lr",
                      "muon_momentum", "decay_fraction"):
             value = getattr(self, name)
@@ -189,16 +186,6 @@ class TrainConfig:
         shape, H200); on the CPU compiling costs tens of seconds to minutes before the first step
         (scripts/bench_compile.py), and eager stays the mode to debug in."""
         return device_type == "cuda" if self.compile is None else self.compile
-
-    def graphs(self, device_type: str, processes: int = 1) -> bool:
-        """Whether a run replays its step as one CUDA graph (fnlm.train.cuda_graphed): `cuda_graph`,
-        or with None (auto) where the step compiles on one CUDA device, which saves the kernel
-        launches a small model's step waits on. A ValueError where asked for and impossible."""
-        if self.cuda_graph is None:
-            return device_type == "cuda" and processes == 1 and self.compiles(device_type)
-        if self.cuda_graph and (device_type != "cuda" or processes > 1):
-            raise ValueError(f"cuda_graph needs one CUDA device, got {device_type} with {processes} process(es)")
-        return self.cuda_graph
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -212,8 +212,7 @@ def check_token_ids(token_ids: Tensor, cfg: ModelConfig) -> None:
     """Raise a clear error for ids that are not integers, too long a sequence, or out of range.
 
     The range check reads the values, so it runs only in eager code outside function
-    transforms and CUDA graph captures; compiled, vmapped and replayed steps rely on the data
-    pipeline's one-time check.
+    transforms; compiled and vmapped steps rely on the data pipeline's one-time check.
     """
     if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
         raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
@@ -223,17 +222,11 @@ def check_token_ids(token_ids: Tensor, cfg: ModelConfig) -> None:
         raise ValueError(
             f"sequence length {token_ids.shape[-1]} exceeds context_length {cfg.context_length}"
         )
-    if torch.compiler.is_compiling() or _under_vmap() or _capturing(token_ids):
+    if torch.compiler.is_compiling() or _under_vmap():
         return
     if token_ids.numel() and bool(((token_ids < 0) | (token_ids >= cfg.vocab_size)).any()):
         bad = token_ids[(token_ids < 0) | (token_ids >= cfg.vocab_size)][0].item()
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
-
-
-def _capturing(tensor: Tensor) -> bool:
-    """Inside a CUDA graph capture on the tensor's device (never asked while compiling: dynamo
-    cannot trace the query)."""
-    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _under_vmap() -> bool:

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
-from .cuda_graph import run_and_capture
 from .kv_cache import prefill, window_start
 from .model import output_logits, residual_block
 from .nn import attention_heads, attention_output, embedding, softmax
@@ -173,6 +172,24 @@ def _decode_in_place(decode_token: Callable, params: PyTree, buffers: _Buffers) 
     step.add_(1)
 
 
+def _run_and_capture(body: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """Run body once, then return what runs it again: on a GPU the replay of a CUDA graph captured
+    after that run (made on a side stream, so that compiling and allocating happen outside the
+    capture); elsewhere body itself."""
+    if device.type != "cuda":
+        body()
+        return body
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
 @torch.no_grad()
 def static_steps(
     params: PyTree,
@@ -226,7 +243,7 @@ def static_steps(
             count = min(TOKENS_PER_SYNC, context - filled, max_new_tokens - done)
             for _ in range(count):
                 if replay is None:
-                    replay = run_and_capture(body, device)  # its run is this step
+                    replay = _run_and_capture(body, device)  # its run is this step
                 else:
                     replay()
             filled += count

@@ -8,8 +8,7 @@ A step is torch.func.grad_and_value of the loss followed by the optimizer's pure
 and optimizer state stay in their own dtype (float32): autocast, when asked, covers only the
 forward pass, and the loss is float32. With compile=True the whole step (gradient and update)
 is one torch.compile'd function; the gradient transform is never applied to a compiled function.
-With donate=True the step writes its results into the params and optimizer state it was given
-(jax.jit's donate_argnums), which lets a CUDA graph replay it (`cuda_graphed`). The run itself (data, logging, checkpoints) lives in fnlm.run.
+The run itself (data, logging, checkpoints) lives in fnlm.run.
 """
 
 from __future__ import annotations
@@ -17,13 +16,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .config import ModelConfig, TrainConfig
-from .cuda_graph import run_and_capture
 from .model import lm_loss
 from .optim import (
     ClipByGlobalNormState,
@@ -38,11 +36,10 @@ from .optim import (
     warmup_cosine_schedule,
     warmup_stable_decay_schedule,
 )
-from .tree import PyTree, global_norm, leaves_like, tree_flatten, tree_leaves
+from .tree import PyTree, global_norm, tree_leaves
 
 LossFn = Callable[[PyTree, Tensor, Tensor], Tensor]  # (params, x (B, T), y (B, T)) -> 0-d float32
 GradSync = Callable[[PyTree], PyTree]  # a tree of tensors -> its mean over workers (fnlm.distributed)
-TrainStep = Callable[[PyTree, OptState, Tensor, Tensor], tuple[PyTree, OptState, "StepMetrics"]]
 
 
 class StepMetrics(NamedTuple):
@@ -124,27 +121,22 @@ def make_train_step(
     compile: bool = False,
     compile_mode: str | None = None,
     grad_sync: GradSync | None = None,
-    donate: bool = False,
-) -> TrainStep:
+) -> Callable[[PyTree, OptState, Tensor, Tensor], tuple[PyTree, OptState, StepMetrics]]:
     """step(params, opt_state, x, y) -> (params, opt_state, StepMetrics), pure.
 
     schedule, the learning-rate schedule inside `optimizer`, lets the step report the rate it
     used (StepMetrics.lr), read at the optimizer state's own step count. grad_sync, if given,
     maps (grads, loss) to their mean over data-parallel workers between the gradient and the
     update; the collective runs eagerly between two compiled halves.
-
-    donate=True: the step copies the new params and opt_state into the tensors it was given and
-    returns those same trees (jax.jit's donate_argnums: the caller must not keep the old values),
-    which gives `cuda_graphed` fixed addresses. The values are the pure step's.
     """
     value_and_grad = torch.func.grad_and_value(make_loss_fn(cfg, autocast_dtype=autocast_dtype, device_type=device_type))
 
     def update(params: PyTree, opt_state: OptState, grads: PyTree, loss: Tensor):
         lr = learning_rate(opt_state, loss.device)
-        updates, new_state = optimizer.update(grads, opt_state, params)
-        clip = find_state(new_state, ClipByGlobalNormState)  # the clip already measured the norm
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        clip = find_state(opt_state, ClipByGlobalNormState)  # the clip already measured the norm
         grad_norm = global_norm(grads).float() if clip is None else clip.grad_norm
-        return apply_updates(params, updates), new_state, StepMetrics(loss, grad_norm, lr)
+        return apply_updates(params, updates), opt_state, StepMetrics(loss, grad_norm, lr)
 
     def learning_rate(opt_state: OptState, device: torch.device) -> Tensor:
         counter = find_state(opt_state, ScaleByScheduleState)
@@ -157,70 +149,19 @@ def make_train_step(
 
     if grad_sync is None:
 
-        def pure_step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
+        def step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
             grads, loss = value_and_grad(params, x, y)
             return update(params, opt_state, grads, loss)
 
-        step = compiled(pure_step)
-    else:
-        gradient, apply = compiled(value_and_grad), compiled(update)
+        return compiled(step)
 
-        def step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
-            grads, loss = grad_sync(gradient(params, x, y))
-            return apply(params, opt_state, grads, loss)
+    gradient, apply = compiled(value_and_grad), compiled(update)
 
-    if not donate:
-        return step
+    def synced_step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
+        grads, loss = grad_sync(gradient(params, x, y))
+        return apply(params, opt_state, grads, loss)
 
-    def donated_step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
-        # The write stays outside torch.compile: inside it, torch 2.11's in-place update trained
-        # to wrong losses at half the speed on an H200 (docs/experiments.md).
-        new_params, new_state, metrics = step(params, opt_state, x, y)
-        return *write_into((params, opt_state), (new_params, new_state)), metrics
-
-    return donated_step
-
-
-def write_into(tree: PyTree, values: PyTree) -> PyTree:
-    """Copy `values` into the tensors of the same-shaped `tree` and return `tree` (a donation)."""
-    leaves, structure = tree_flatten(tree)
-    torch._foreach_copy_(leaves, leaves_like(structure, values))
-    return tree
-
-
-def cuda_graphed(step: TrainStep, device: torch.device) -> TrainStep:
-    """A donated step (make_train_step(donate=True)) replayed as one CUDA graph: one launch per
-    step instead of one per kernel, which is what a small model's step waits on.
-
-    The first call runs the step (it compiles there, if compiled) and captures it; every later
-    call copies x and y into the graph's own buffers and replays it on the params and opt_state
-    that every call returns (other trees of the same shapes are copied in first). Batches keep
-    the first one's shape. The metrics returned are copies, safe to keep.
-    """
-    if device.type != "cuda":
-        raise ValueError(f"a CUDA graph needs a CUDA device, got {device}")
-    graph: dict[str, Any] = {}  # after the first call: the graph's trees, their leaves, x, y, metrics, replay
-
-    def graphed(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
-        if not graph:
-            trees, x, y = (params, opt_state), x.clone(), y.clone()
-            leaves, structure = tree_flatten(trees)
-            outputs = []  # the first run's metrics, then the capture's (which every replay rewrites)
-            replay = run_and_capture(lambda: outputs.append(step(*trees, x, y)[2]), device)
-            graph.update(trees=trees, leaves=leaves, structure=structure, x=x, y=y, metrics=outputs[1], replay=replay)
-            return *trees, outputs[0]
-        if x.shape != graph["x"].shape or y.shape != graph["y"].shape:
-            raise ValueError(f"a CUDA-graphed step takes batches of its first shape {tuple(graph['x'].shape)}, "
-                             f"got x {tuple(x.shape)} and y {tuple(y.shape)}")
-        given = leaves_like(graph["structure"], (params, opt_state))
-        if any(leaf is not own for leaf, own in zip(given, graph["leaves"])):
-            torch._foreach_copy_(graph["leaves"], given)
-        graph["x"].copy_(x)
-        graph["y"].copy_(y)
-        graph["replay"]()
-        return *graph["trees"], StepMetrics(*torch.stack(graph["metrics"]).unbind())
-
-    return graphed
+    return synced_step
 
 
 def evaluate(loss_fn: LossFn, params: PyTree, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:

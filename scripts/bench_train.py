@@ -14,9 +14,7 @@ elsewhere), each side's peak GPU memory (the most its steps allocated, other var
 state excluded), and each side's warm-up (the first --warmup steps: compilation included).
 
 fnlm:      params pytree -> torch.func.grad_and_value(loss) -> adamw chain (clip, Adam, decay, lr)
-           -> apply_updates, all one pure function (torch.compile'd whole when compiled), with its
-           params and optimizer state donated (updated in place) and, as `fnlm train` does by
-           default, replayed as one CUDA graph where it compiles on CUDA (--cuda-graph).
+           -> apply_updates, all one pure function (torch.compile'd whole when compiled).
 reference: tests/reference.py's ReferenceLM (nn.Modules, F.scaled_dot_product_attention),
            loss.backward(), clip_grad_norm_, torch.optim.AdamW(fused=True); compiled means
            torch.compile(model), the usual way.
@@ -36,7 +34,6 @@ reference's eager-vs-compiled gap is the noise floor to read fnlm's gap against.
 from __future__ import annotations
 
 import argparse
-import functools
 import platform
 import statistics
 import sys
@@ -51,13 +48,13 @@ from accounting import forward_flops  # noqa: E402
 from benchlib import (  # noqa: E402
     command_line, device_name, memory_allocated, peak_memory, reset_peak_memory, synchronize, write_json,
 )
-from fnlm.config import AUTOCAST_DTYPES, ModelConfig, TrainConfig  # noqa: E402
+from fnlm.config import AUTOCAST_DTYPES, ModelConfig  # noqa: E402
 from fnlm.data import load_tokens, resolve_device  # noqa: E402
 from fnlm.model import init_params, num_params  # noqa: E402
 from fnlm.optim import adamw  # noqa: E402
 from fnlm.run.process import keep_freed_memory  # noqa: E402
-from fnlm.train import autocast, cuda_graphed, make_train_step, parse_autocast  # noqa: E402
-from fnlm.tree import flatten, tree_leaves, tree_map  # noqa: E402
+from fnlm.train import autocast, make_train_step, parse_autocast  # noqa: E402
+from fnlm.tree import flatten, tree_leaves  # noqa: E402
 from tests.reference import ReferenceLM  # noqa: E402
 
 CONFIGS = {  # issue 12's shapes: the handout's TinyStories model, the leaderboard's, GPT-2 small
@@ -85,8 +82,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compile", choices=["none", "compiled", "both"], default="none",
                         help="none: eager only; compiled: torch.compile'd only; both")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
-    parser.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
-                        help="replay fnlm's step as a CUDA graph (auto: as fnlm train, where it compiles on CUDA)")
     parser.add_argument("--autocast", choices=AUTOCAST_DTYPES, default="none")
     parser.add_argument("--data", type=Path, help="a .npy token file to draw batches from (default: random ids)")
     parser.add_argument("--batches", type=int, default=8, help="distinct batches, cycled")
@@ -99,16 +94,13 @@ def parse_args() -> argparse.Namespace:
 
 
 class Fnlm:
-    def __init__(self, cfg, params, amp, device, compile, compile_mode, cuda_graph="auto"):
-        self.params = tree_map(torch.clone, params)  # its own: the step donates them (writes them in place)
+    def __init__(self, cfg, params, amp, device, compile, compile_mode):
+        self.params = params  # shared with the other variants: steps never modify their inputs
         optimizer = adamw(HYPER["lr"], *HYPER["betas"], HYPER["eps"], HYPER["weight_decay"],
                           max_grad_norm=HYPER["max_grad_norm"])
         self.opt_state = optimizer.init(self.params)
-        step = make_train_step(cfg, optimizer, autocast_dtype=amp, device_type=device.type,
-                               compile=compile, compile_mode=compile_mode, donate=True)
-        run_cfg = TrainConfig(compile=compile, cuda_graph={"auto": None, "on": True, "off": False}[cuda_graph])
-        self.graphed = run_cfg.graphs(device.type)
-        self.step_fn = cuda_graphed(step, device) if self.graphed else step
+        self.step_fn = make_train_step(cfg, optimizer, autocast_dtype=amp, device_type=device.type,
+                                       compile=compile, compile_mode=compile_mode)
 
     def step(self, x, y):
         self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, x, y)
@@ -158,8 +150,7 @@ def main() -> None:
     compiled = {"none": [False], "compiled": [True], "both": [False, True]}[args.compile]
     variants = {
         f"{name} {'compiled' if c else 'eager'}": cls(cfg, params, amp, device, c, args.compile_mode)
-        for c in compiled for name, cls in (("fnlm", functools.partial(Fnlm, cuda_graph=args.cuda_graph)),
-                                            ("reference", Reference))
+        for c in compiled for name, cls in (("fnlm", Fnlm), ("reference", Reference))
     }
     losses = {name: [] for name in variants}
     cursor = {name: 0 for name in variants}
@@ -207,7 +198,6 @@ def main() -> None:
         "batch_size": args.batch_size,
         "autocast": args.autocast,
         "compile_mode": args.compile_mode,
-        "fnlm_cuda_graph": {name: variant.graphed for name, variant in variants.items() if name.startswith("fnlm")},
         "keep_freed_memory": kept_freed_memory,
         "steps_per_round": args.steps,
         "rounds": args.rounds,

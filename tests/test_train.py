@@ -11,10 +11,10 @@ from fnlm.checkpoint import load_checkpoint
 from fnlm.cli import main
 from fnlm.config import ModelConfig, TrainConfig
 from fnlm.model import init_params
-from fnlm.optim import EmptyState, GradientTransformation, adamw, apply_updates, muon_adamw, warmup_cosine_schedule
+from fnlm.optim import EmptyState, GradientTransformation, adamw, apply_updates, warmup_cosine_schedule
 from fnlm.run import latest_checkpoint, read_log, train
-from fnlm.train import cuda_graphed, eval_result, evaluate, make_loss_fn, make_train_step
-from fnlm.tree import flatten, global_norm, tree_leaves, tree_map
+from fnlm.train import eval_result, evaluate, make_loss_fn, make_train_step
+from fnlm.tree import flatten, global_norm, tree_map
 from tests.conftest import cli_error
 
 TINY = ModelConfig(vocab_size=48, context_length=16, d_model=32, num_layers=2, num_heads=2, d_ff=64)
@@ -53,74 +53,6 @@ def test_an_optimizer_without_state_steps_and_reports_no_learning_rate():
     new_params, _, metrics = make_train_step(TINY, sgd)(params, sgd.init(params), x, y)
     assert torch.isnan(metrics.lr) and float(metrics.grad_norm) > 0
     assert not torch.equal(new_params["lm_head"]["weight"], params["lm_head"]["weight"])
-
-
-OPTIMIZERS = {
-    "adamw": adamw(warmup_cosine_schedule(1e-2, 1e-3, 1, 4), weight_decay=0.1, max_grad_norm=1.0),
-    "muon": muon_adamw(2e-2, 1e-2, weight_decay=0.1, max_grad_norm=1.0),
-}
-
-
-def run_steps(step, params, opt_state, seeds, cfg=TINY):
-    """The trees after a step per seed's batch, and each step's metrics as floats."""
-    metrics, device = [], tree_leaves(params)[0].device
-    for seed in seeds:
-        params, opt_state, m = step(params, opt_state, *(ids.to(device) for ids in batch(seed, cfg)))
-        metrics.append([float(value) for value in m])
-    return params, opt_state, metrics
-
-
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_a_donated_step_writes_the_pure_step_into_its_inputs(name):
-    optimizer = OPTIMIZERS[name]
-    params = init_params(TINY, seed=0)
-    pure = run_steps(make_train_step(TINY, optimizer), params, optimizer.init(params), range(3))
-    donated_params, donated_state = tree_map(torch.clone, params), optimizer.init(params)
-    given = tree_leaves((donated_params, donated_state))
-    new_params, new_state, metrics = run_steps(make_train_step(TINY, optimizer, donate=True),
-                                               donated_params, donated_state, range(3))
-    assert all(a is b for a, b in zip(tree_leaves((new_params, new_state)), given))  # the same tensors, written
-    torch.testing.assert_close(flatten((new_params, new_state)), flatten(pure[:2]), rtol=0, atol=0)
-    np.testing.assert_array_equal(metrics, pure[2])  # lr: NaN, no schedule given
-
-
-@pytest.mark.slow
-def test_a_compiled_donated_step_matches_the_compiled_pure_step():
-    """Compiled, the values stay the pure step's (to rounding: the embedding gradient's compiled
-    scatter-add sums in no fixed order on the CPU, so two compiled pure runs differ there as much)."""
-    cfg, optimizer = dataclasses.replace(TINY, num_layers=1), OPTIMIZERS["adamw"]
-    params = init_params(cfg, seed=0)
-    results = [run_steps(make_train_step(cfg, optimizer, compile=True, donate=donate),
-                         tree_map(torch.clone, params), optimizer.init(params), range(3), cfg)
-               for donate in (False, True)]
-    torch.testing.assert_close(flatten(results[1][:2]), flatten(results[0][:2]))
-    np.testing.assert_allclose(results[1][2], results[0][2], rtol=1e-6)
-
-
-def test_a_cuda_graph_needs_a_cuda_device():
-    with pytest.raises(ValueError, match="a CUDA graph needs a CUDA device, got cpu"):
-        cuda_graphed(make_train_step(TINY, OPTIMIZERS["adamw"], donate=True), torch.device("cpu"))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("compile", [False, True])
-def test_a_cuda_graphed_step_replays_the_donated_step(compile):
-    """The donated step it records, steps after the capture included (to rounding: the embedding
-    gradient's scatter-add sums in no fixed order); trees other than the graph's own are copied
-    in; batches keep their shape."""
-    device, optimizer = torch.device("cuda"), OPTIMIZERS["adamw"]
-    params = init_params(TINY, seed=0, device=device)
-    donated = make_train_step(TINY, optimizer, compile=compile, donate=True)
-    expected = run_steps(donated, tree_map(torch.clone, params), optimizer.init(params), range(4))
-    graphed = cuda_graphed(make_train_step(TINY, optimizer, compile=compile, donate=True), device)
-    trees = run_steps(graphed, tree_map(torch.clone, params), optimizer.init(params), range(4))
-    torch.testing.assert_close(flatten(trees[:2]), flatten(expected[:2]))
-    np.testing.assert_allclose(trees[2], expected[2], rtol=1e-6)
-    restarted = run_steps(graphed, tree_map(torch.clone, params), optimizer.init(params), range(4))
-    torch.testing.assert_close(flatten(restarted[:2]), flatten(expected[:2]))  # copied into the graph's, then stepped
-    x, y = batch(0, TINY, batch_size=2)
-    with pytest.raises(ValueError, match=r"batches of its first shape \(4, 16\), got x \(2, 16\)"):
-        graphed(*restarted[:2], x.to(device), y.to(device))
 
 
 def test_overfitting_one_batch_drives_the_loss_near_zero():

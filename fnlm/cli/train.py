@@ -80,8 +80,6 @@ HELP = {  # one line per config field; the default (or "required") is added from
     "autocast": "none, or bfloat16: autocast the forward pass",
     "compile": "torch.compile the whole training step (default: auto: on with CUDA, off elsewhere; "
                "--no-compile runs eager, for debugging)",
-    "cuda_graph": "replay the training step as one CUDA graph, one launch per step (default: auto: on where the "
-                  "step compiles on one CUDA device)",
 }
 
 

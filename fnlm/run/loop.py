@@ -31,9 +31,7 @@ from ..config import ModelConfig, TrainConfig
 from ..data import eval_batches, gather_windows, load_tokens, resolve_device, sample_starts
 from ..progress import Progress
 from ..sweep import make_sweep_step, run_of, stack
-from ..train import (
-    cuda_graphed, eval_result, evaluate, make_loss_fn, make_optimizer, make_schedule, make_train_step, parse_autocast,
-)
+from ..train import eval_result, evaluate, make_loss_fn, make_optimizer, make_schedule, make_train_step, parse_autocast
 from ..tree import PyTree, foreach, tree_leaves
 from . import state as run_state
 from .folder import LOG, RunLog, checkpoint_path, locked, plot_losses, plot_sweep, rotate_checkpoints, save_run_config
@@ -95,10 +93,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, *, resu
             start = _start(model_cfg, [run], generators, device, resume, reschedule, world.is_main)
             amp = parse_autocast(cfg.autocast)
             step = make_train_step(model_cfg, make_optimizer(cfg), schedule=make_schedule(cfg), autocast_dtype=amp,
-                                   device_type=device.type, compile=cfg.compiles(device.type), donate=True,
+                                   device_type=device.type, compile=cfg.compiles(device.type),
                                    grad_sync=distributed.all_reduce_mean if world.size > 1 else None)
-            if cfg.graphs(device.type, world.size):
-                step = cuda_graphed(step, device)
 
             def run_step(params, opt_state, alive, x, y):
                 params, opt_state, metrics = step(params, opt_state, x, y)
@@ -135,8 +131,6 @@ def train_sweep(model_cfg: ModelConfig, base: TrainConfig, axes: Sequence[Axis],
         raise ValueError(f"sweep stream must be one of {STREAMS}, got {stream!r}")
     if not axes:
         raise ValueError("a sweep needs at least one axis (--sweep NAME=V1,V2,...)")
-    if base.cuda_graph:
-        raise ValueError("cuda_graph replays a single run's step; a sweep runs without it")
     base, out_dir = with_absolute_paths(base), Path(out_dir)
     sweep_list = sweep_runs(base, axes, out_dir)
     runs = [Run(run.name, run.config, run.dir) for run in sweep_list]
