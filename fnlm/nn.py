@@ -116,7 +116,7 @@ class _LastDimSoftmax(torch.autograd.Function):
 
 # torch.compile would otherwise rewrite the Function into a plain function without its vmap rule
 # and fail under vmap (a compiled sweep step); allowed in the graph, AOTAutograd traces it with
-# its own rules. Single-run steps compile to one graph either way.
+# its own rules. Single-run steps compile the same either way.
 torch._dynamo.allow_in_graph(_LastDimSoftmax)
 
 

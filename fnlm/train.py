@@ -6,8 +6,9 @@
 
 A step is torch.func.grad_and_value of the loss followed by the optimizer's pure update. Params
 and optimizer state stay in their own dtype (float32): autocast, when asked, covers only the
-forward pass, and the loss is float32. With compile=True the whole step (gradient and update)
-is one torch.compile'd function; the gradient transform is never applied to a compiled function.
+forward pass, and the loss is float32. With compile=True the gradient and the update are two
+torch.compile'd functions (apart, they compile sooner and run as fast or faster than as one graph:
+docs/experiments.md); the gradient transform is never applied to a compiled function.
 The run itself (data, logging, checkpoints) lives in fnlm.run.
 """
 
@@ -127,7 +128,7 @@ def make_train_step(
     schedule, the learning-rate schedule inside `optimizer`, lets the step report the rate it
     used (StepMetrics.lr), read at the optimizer state's own step count. grad_sync, if given,
     maps (grads, loss) to their mean over data-parallel workers between the gradient and the
-    update; the collective runs eagerly between two compiled halves.
+    update: the collective runs eagerly between the two compiled halves.
     """
     value_and_grad = torch.func.grad_and_value(make_loss_fn(cfg, autocast_dtype=autocast_dtype, device_type=device_type))
 
@@ -147,21 +148,14 @@ def make_train_step(
     def compiled(fn: Callable) -> Callable:
         return torch.compile(fn, mode=compile_mode) if compile else fn
 
-    if grad_sync is None:
-
-        def step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
-            grads, loss = value_and_grad(params, x, y)
-            return update(params, opt_state, grads, loss)
-
-        return compiled(step)
-
     gradient, apply = compiled(value_and_grad), compiled(update)
+    sync = grad_sync or (lambda grads_and_loss: grads_and_loss)
 
-    def synced_step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
-        grads, loss = grad_sync(gradient(params, x, y))
+    def step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):
+        grads, loss = sync(gradient(params, x, y))
         return apply(params, opt_state, grads, loss)
 
-    return synced_step
+    return step
 
 
 def evaluate(loss_fn: LossFn, params: PyTree, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:

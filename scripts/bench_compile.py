@@ -12,7 +12,7 @@ so neither side reuses the other's kernels, and a trivial function is compiled f
 neither side pays the compiler's one-time start-up.
 
 fnlm:      fnlm.train.make_train_step(compile=True): grad_and_value + the adamw chain (clip,
-           Adam, decay, lr), one torch.compile'd function (scripts/bench_train.py's Fnlm).
+           Adam, decay, lr), the gradient and the update each torch.compile'd (bench_train.py's Fnlm).
 reference: tests/reference.py's ReferenceLM with torch.compile(model.loss), loss.backward(),
            clip_grad_norm_ and torch.optim.AdamW(fused=True) eagerly (bench_train.py's Reference).
 

@@ -14,7 +14,8 @@ elsewhere), each side's peak GPU memory (the most its steps allocated, other var
 state excluded), and each side's warm-up (the first --warmup steps: compilation included).
 
 fnlm:      params pytree -> torch.func.grad_and_value(loss) -> adamw chain (clip, Adam, decay, lr)
-           -> apply_updates, all one pure function (torch.compile'd whole when compiled).
+           -> apply_updates, all one pure function (compiled: the gradient and the update each
+           torch.compile'd).
 reference: tests/reference.py's ReferenceLM (nn.Modules, F.scaled_dot_product_attention),
            loss.backward(), clip_grad_norm_, torch.optim.AdamW(fused=True); compiled means
            torch.compile(model), the usual way.

@@ -299,3 +299,28 @@ def test_muon_steps_trace_under_torch_compile_and_equal_eager(sweep):
     traced = torch.compile(step, backend="eager", fullgraph=True)(*args)
     for (key, got), want in zip(flatten(traced[:2]).items(), flatten(step(*args)[:2]).values()):
         torch.testing.assert_close(got, want, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_compiled_muon_step_on_cuda_tracks_eager():
+    """Inductor's code for the whole Muon step on a GPU (bf16 autocast, Newton-Schulz beside the
+    fused AdamW): the losses and parameters of eager steps, to bf16 rounding."""
+    from fnlm.config import TrainConfig
+    from fnlm.train import make_optimizer, make_train_step
+
+    cfg, optimizer = tiny_model(), make_optimizer(TrainConfig(optimizer="muon", steps=10, warmup_steps=2))
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (2, 4, cfg.context_length), generator=generator).cuda()
+               for _ in range(3)]
+    runs = []
+    for compile in (False, True):
+        params = init_params(cfg, seed=0, device="cuda")
+        opt_state, losses = optimizer.init(params), []
+        step = make_train_step(cfg, optimizer, autocast_dtype=torch.bfloat16, device_type="cuda", compile=compile)
+        for x, y in batches:
+            params, opt_state, metrics = step(params, opt_state, x, y)
+            losses.append(float(metrics.loss))
+        runs.append((losses, params))
+    (eager_losses, eager_params), (compiled_losses, compiled_params) = runs
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-2, atol=0)
+    torch.testing.assert_close(flatten(compiled_params), flatten(eager_params), rtol=2e-2, atol=2e-2)

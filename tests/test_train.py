@@ -148,8 +148,8 @@ def test_cli_reads_a_toml_config_with_flag_overrides_and_guards_resume(tmp_path,
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_the_whole_step_traces_as_one_graph(device):
-    """No graph breaks: torch.compile gets gradient, clipping, schedule and update in one graph
-    (a break inside the gradient transform would run the whole step eagerly)."""
+    """No graph breaks: traced whole, gradient, clipping, schedule and update are one graph (a
+    break inside the gradient transform would run the compiled gradient eagerly)."""
     optimizer = adamw(warmup_cosine_schedule(1e-3, 1e-4, 2, 10), weight_decay=0.1, max_grad_norm=1.0)
     params, (x, y) = init_params(TINY, device=device), (ids.to(device) for ids in batch())
     step = make_train_step(TINY, optimizer, autocast_dtype=torch.bfloat16, device_type=device)
@@ -159,7 +159,7 @@ def test_the_whole_step_traces_as_one_graph(device):
 
 @pytest.mark.slow
 def test_compiled_bf16_step_is_finite_and_tracks_eager():
-    """The whole step compiled (grad_and_value + update) with bf16 autocast: finite, and close
+    """The step compiled (grad_and_value and update) with bf16 autocast: finite, and close
     to the eager step; parameters and optimizer state stay float32."""
     cfg = dataclasses.replace(TINY, num_layers=1)
     optimizer = adamw(3e-3, weight_decay=0.1, max_grad_norm=1.0)
