@@ -7,8 +7,8 @@
 A step is torch.func.grad_and_value of the loss followed by the optimizer's pure update. Params
 and optimizer state stay in their own dtype (float32): autocast, when asked, covers only the
 forward pass, and the loss is float32. With compile=True the gradient and the update are two
-torch.compile'd functions (apart, they compile sooner and run as fast or faster than as one graph:
-docs/experiments.md); the gradient transform is never applied to a compiled function.
+torch.compile'd functions, as in a data-parallel step (docs/experiments.md weighs this against one
+graph); the gradient transform is never applied to a compiled function.
 The run itself (data, logging, checkpoints) lives in fnlm.run.
 """
 
