@@ -7,7 +7,8 @@ registers, streams the keys and values up to the diagonal, and keeps a running m
 backward uses to recompute the probabilities block by block.
 
 Shape legend: B batch, H heads, T sequence, D head dim (16..128, a power of two).
-q, k, v may be strided views (the last dim must be contiguous); outputs are contiguous.
+q, k, v may be strided views (the last dim must be contiguous). The output is laid out as
+(B, T, H, D), which makes the concatenation of heads that follows a view; the gradients are contiguous.
 
 The kernels are registered as torch.library ops (`fnlm::causal_attention` and its backward)
 with vmap rules, and tied together by an autograd.Function, so torch.func.grad,
@@ -137,7 +138,8 @@ if triton is not None:
                 q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
                 rows, dims, seq_len, start_n, row_max, row_sum, acc, log2_scale, BLOCK_N, True)
         row_ok = rows < seq_len
-        o_offsets = bh * seq_len * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
+        # O is (B, H, T, D) laid out as (B, T, H, D), so that the heads' concatenation is a view
+        o_offsets = (b * seq_len + rows[:, None]) * num_heads * HEAD_DIM + h * HEAD_DIM + dims[None, :]
         tl.store(O + o_offsets, (acc / row_sum[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
         # Natural-log log-sum-exp of the scaled scores: (max + log2 sum) / log2 e.
         tl.store(LSE + bh * seq_len + rows, (row_max + tl.math.log2(row_sum)) * 0.6931471805599453, mask=row_ok)
@@ -251,7 +253,7 @@ if triton is not None:
 
     def _launch_forward(launch, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         batch, heads, seq_len, head_dim = q.shape
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty((batch, seq_len, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
         lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
         block_m, block_n, warps, stages = tuning("forward", head_dim)
         launch(_forward_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](

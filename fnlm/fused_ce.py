@@ -26,6 +26,10 @@ import torch
 from torch import Tensor
 
 CHUNK_ELEMENTS = 2**28  # logits per chunk: 1 GiB as float32, whatever the vocabulary
+# The vocabulary is padded to a multiple of this with zero rows of the weight, so that every
+# matmul is aligned: at V = 50257 inductor would otherwise pad each chunk's gradient for its
+# dL/dW matmul by copying it (1.7 ms of a 71 ms step at GPT-2-small on an H200).
+VOCAB_MULTIPLE = 64
 
 
 def linear_cross_entropy(
@@ -77,31 +81,36 @@ def _chunked_loss(
 
     Out of place throughout, so that torch.func.vmap can batch it (a sweep's stacked runs).
     """
-    num_rows = x.shape[0]
+    num_rows, (vocab_size, dim) = x.shape[0], weight.shape
     w = weight.to(compute_dtype)
+    padded_vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if padded_vocab != vocab_size:  # zero rows, whose logits are masked to -inf below
+        w = torch.cat([w, w.new_zeros(padded_vocab - vocab_size, dim)])
+    in_vocab = torch.arange(padded_vocab, device=w.device) < vocab_size  # (Vp,)
     total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
     grad_rows, grad_w = [], None
     for start in range(0, num_rows, chunk_rows):
         xc, yc = x[start:start + chunk_rows].to(compute_dtype), targets[start:start + chunk_rows]
-        logits, squashed = _chunk_logits(w, xc, soft_cap)  # (C, V)
+        logits, squashed = _chunk_logits(w, xc, soft_cap)  # (C, Vp)
+        logits = logits.masked_fill(~in_vocab, -torch.inf)  # padding takes no probability
         log_normalizer = logits.logsumexp(-1, keepdim=True)  # (C, 1)
         total = total + (log_normalizer - logits.gather(-1, yc.unsqueeze(-1))).sum()
         if not with_grads:
             continue
         # (softmax - onehot) / N as one elementwise expression (a scatter would cost inductor
         # an extra pass over the (C, V) chunk in float32)
-        is_target = torch.arange(logits.shape[-1], device=logits.device) == yc.unsqueeze(-1)  # (C, V)
+        is_target = torch.arange(logits.shape[-1], device=logits.device) == yc.unsqueeze(-1)  # (C, Vp)
         grad = ((logits - log_normalizer).exp() - is_target.to(logits.dtype)) / num_rows
         if squashed is not None:  # d(c tanh(z / c))/dz = 1 - tanh^2
             grad = grad * (1 - squashed.square())
         grad = grad.to(compute_dtype)
         grad_rows.append((grad @ w).to(x.dtype))  # (C, D)
-        chunk_grad_w = (grad.T @ xc).to(torch.promote_types(weight.dtype, torch.float32))  # (V, D)
+        chunk_grad_w = (grad.T @ xc).to(torch.promote_types(weight.dtype, torch.float32))  # (Vp, D)
         grad_w = chunk_grad_w if grad_w is None else grad_w + chunk_grad_w
     loss = total / num_rows
     if not with_grads:
         return loss, None, None
-    return loss, torch.cat(grad_rows), grad_w.to(weight.dtype)
+    return loss, torch.cat(grad_rows), grad_w[:vocab_size].to(weight.dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -40,7 +40,7 @@ def family(name: str) -> str:
     return next((fam for fam, keys in FAMILIES if any(key in lower for key in keys)), "other")
 
 
-def profile_side(side, batches, steps: int) -> dict:
+def profile_side(side, batches, steps: int, top: int) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
             loss = side.step(*batches[i % len(batches)])
@@ -53,7 +53,7 @@ def profile_side(side, batches, steps: int) -> dict:
     for name, ms in kernels.items():
         families[family(name)] += ms
     return {"ms_per_step": sum(kernels.values()), "families_ms": dict(families.most_common()),
-            "top_kernels_ms": {name[:120]: ms for name, ms in kernels.most_common(20)}, "loss": float(loss)}
+            "top_kernels_ms": {name[:120]: ms for name, ms in kernels.most_common(top)}, "loss": float(loss)}
 
 
 def main() -> None:
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="gpt2-small")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=20, help="how many kernels to list per side")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -74,7 +75,7 @@ def main() -> None:
         side = cls(cfg, params, torch.bfloat16, device, True, None)
         for i in range(args.warmup):
             side.step(*batches[i % len(batches)])
-        result[name] = profile_side(side, batches, args.steps)
+        result[name] = profile_side(side, batches, args.steps, args.top)
         del side
         torch.cuda.empty_cache()
     fnlm, ref = result["fnlm compiled"], result["reference compiled"]

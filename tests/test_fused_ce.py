@@ -26,10 +26,11 @@ def problem(rows=(3, 7), vocab=11, dim=5, dtype=torch.float64, seed=0):
     return weight, x, targets
 
 
+@pytest.mark.parametrize("vocab", [11, 64])  # padded to a multiple of 64 inside, or already one
 @pytest.mark.parametrize("soft_cap", [None, 3.0])
 @pytest.mark.parametrize("chunk_rows", [1, 4, 21, 64])  # one row, uneven chunks, exactly all rows, one chunk
-def test_loss_and_gradients_match_the_plain_path(soft_cap, chunk_rows):
-    weight, x, targets = problem()
+def test_loss_and_gradients_match_the_plain_path(soft_cap, chunk_rows, vocab):
+    weight, x, targets = problem(vocab=vocab)
     fused = lambda w, h: linear_cross_entropy(w, h, targets, soft_cap=soft_cap, chunk_rows=chunk_rows)  # noqa: E731
     want_grads, want = torch.func.grad_and_value(lambda w, h: plain(w, h, targets, soft_cap), argnums=(0, 1))(weight, x)
     got_grads, got = torch.func.grad_and_value(fused, argnums=(0, 1))(weight, x)
