@@ -7,8 +7,8 @@ registers, streams the keys and values up to the diagonal, and keeps a running m
 backward uses to recompute the probabilities block by block.
 
 Shape legend: B batch, H heads, T sequence, D head dim (16..128, a power of two).
-q, k, v may be strided views (the last dim must be contiguous). The output and the gradients are
-laid out as (B, T, H, D), the layout of the projections around attention.
+q, k, v may be strided views (the last dim must be contiguous). The output is laid out as
+(B, T, H, D), which makes the concatenation of heads that follows a view; the gradients are contiguous.
 
 The kernels are registered as torch.library ops (`fnlm::causal_attention` and its backward)
 with vmap rules, and tied together by an autograd.Function, so torch.func.grad,
@@ -138,7 +138,7 @@ if triton is not None:
                 q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
                 rows, dims, seq_len, start_n, row_max, row_sum, acc, log2_scale, BLOCK_N, True)
         row_ok = rows < seq_len
-        # O is (B, H, T, D) laid out as (B, T, H, D) (_heads_last)
+        # O is (B, H, T, D) laid out as (B, T, H, D), so that the heads' concatenation is a view
         o_offsets = (b * seq_len + rows[:, None]) * num_heads * HEAD_DIM + h * HEAD_DIM + dims[None, :]
         tl.store(O + o_offsets, (acc / row_sum[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
         # Natural-log log-sum-exp of the scaled scores: (max + log2 sum) / log2 e.
@@ -221,7 +221,7 @@ if triton is not None:
             dk, dv = _backward_kv_step(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
                                        do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len,
                                        start_m, dk, dv, log2_scale, SMALL, False)
-        offsets = (b * seq_len + cols[:, None]) * num_heads * HEAD_DIM + h * HEAD_DIM + dims[None, :]  # (B, T, H, D)
+        offsets = bh * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
         tl.store(DK + offsets, (dk * SCALE).to(DK.dtype.element_ty), mask=(cols < seq_len)[:, None])
         tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=(cols < seq_len)[:, None])
 
@@ -251,15 +251,9 @@ if triton is not None:
                 raise ValueError(f"attention kernels need a contiguous last dim, got strides {t.stride()}")
         return [s for t in tensors for s in t.stride()[:3]]
 
-    def _heads_last(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """An empty (B, H, T, D) tensor laid out as (B, T, H, D), the layout of the projections
-        around attention: the heads' concatenation, and their gradient's, are then views."""
-        batch, heads, seq_len, head_dim = shape
-        return torch.empty((batch, seq_len, heads, head_dim), dtype=dtype, device=device).transpose(1, 2)
-
     def _launch_forward(launch, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         batch, heads, seq_len, head_dim = q.shape
-        out = _heads_last(q.shape, q.dtype, q.device)
+        out = torch.empty((batch, seq_len, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
         lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
         block_m, block_n, warps, stages = tuning("forward", head_dim)
         launch(_forward_kernel)[(triton.cdiv(seq_len, block_m), batch * heads)](
@@ -272,7 +266,7 @@ if triton is not None:
     def _launch_backward(launch, q, k, v, out, lse, grad_out, scale) -> tuple[Tensor, Tensor, Tensor]:
         batch, heads, seq_len, head_dim = q.shape
         delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, T): rowsum(dO * O)
-        dq, dk, dv = (_heads_last(q.shape, t.dtype, q.device) for t in (q, k, v))
+        dq, dk, dv = (torch.empty(q.shape, dtype=t.dtype, device=q.device) for t in (q, k, v))
         small, big, warps, stages = tuning("backward", head_dim)
         launch(_backward_kernel)[(triton.cdiv(seq_len, big), batch * heads)](
             q, k, v, grad_out, lse, delta, dq, dk, dv, *_strides(q, k, v, grad_out), heads, seq_len,
