@@ -78,6 +78,8 @@ def main() -> None:
         result[name] = profile_side(side, batches, args.steps, args.top)
         del side
         torch.cuda.empty_cache()
+    if args.out:  # first, so that a reader closing the printout's pipe early loses nothing
+        write_json(args.out, result, indent=1)
     fnlm, ref = result["fnlm compiled"], result["reference compiled"]
     print(f"{result['device']}, {args.config}, batch {args.batch_size}: GPU ms per step (loss after "
           f"{args.warmup + args.steps} steps)")
@@ -90,8 +92,6 @@ def main() -> None:
         print(f"  top kernels, {name}:")
         for kernel, ms in result[name]["top_kernels_ms"].items():
             print(f"    {ms:7.3f}  {family(kernel):16s} {kernel}")
-    if args.out:
-        write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,29 @@ def test_rope_matches_complex_formulation_with_positions_and_batch_dims():
     torch.testing.assert_close(fnn.rope(x, positions, 500.0), rope_reference(x, positions, 500.0))
 
 
+def test_rope_under_vmap_over_positions_matches_batch_dims():
+    x, positions = randn(3, 5, 8), torch.stack([torch.arange(5) + 2 * i for i in range(3)])  # (3, 5)
+    got = torch.func.vmap(lambda x, p: fnn.rope(x, p, 500.0))(x, positions)
+    torch.testing.assert_close(got, fnn.rope(x, positions, 500.0))
+
+
+def test_a_traced_block_computes_one_rope_table_and_no_trig_elsewhere():
+    """RoPE's cos and sin come from one opaque op per block, shared by q and k: a compiled step
+    then reads a (T, Dh) table instead of evaluating cos and sin at every element of q and k,
+    which cost a tenth of a GPT-2-small step on an H200 (docs/experiments.md)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fnlm.config import ModelConfig
+    from fnlm.model import init_params, transformer_block
+
+    cfg = ModelConfig(vocab_size=32, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=24)
+    block = lambda p, x: transformer_block(p, x, cfg).square().sum()  # noqa: E731
+    graph = make_fx(torch.func.grad(block))(init_params(cfg)["layers"][0], torch.randn(2, 8, 16)).graph
+    targets = [node.target for node in graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.fnlm.rope_tables.default) == 1
+    assert not {torch.ops.aten.cos.default, torch.ops.aten.sin.default} & set(targets)
+
+
 # -- the official snapshots (inputs as the CS336 conftest builds them) --------------------------
 
 def _seeded(seed, *shape):
