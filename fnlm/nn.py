@@ -70,7 +70,7 @@ def rope_tables(token_positions: Tensor, head_dim: int, theta: float, dtype: tor
     Each angle appears twice, once per member of its pair: cos = (c0, c0, c1, c1, ...) and
     sin = (-s0, s0, -s1, s1, ...). Computed by an op that inductor cannot see into, so that a
     compiled step reads this small table rather than evaluating cos and sin at every element
-    of q and k (a third of the step's pointwise time at GPT-2-small on an H200).
+    of q and k (a quarter of the pointwise time of a GPT-2-small step on an H200).
     """
     if head_dim % 2:
         raise ValueError(f"rope rotates pairs: the last dim of x must be even, got {head_dim}")

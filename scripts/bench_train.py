@@ -11,8 +11,8 @@ small for the CPU. Beside tokens/s: the model FLOP utilisation (MFU), 6 x matmul
 12 L T d attention FLOPs per token (PaLM's count, which includes the masked half of causal
 attention) against the device's dense bf16 peak (989 TFLOP/s on an H100/H200 SXM; --peak-tflops
 elsewhere), each side's peak GPU memory (the most its steps allocated, other variants' resident
-state excluded), and each side's warm-up (the first --warmup steps: compilation included, from empty compile
-caches).
+state excluded), and each side's warm-up (the first --warmup steps: compilation included, from
+empty compile caches).
 
 fnlm:      params pytree -> torch.func.grad_and_value(loss) -> adamw chain (clip, Adam, decay, lr)
            -> apply_updates, all one pure function (compiled: the gradient and the update each
@@ -142,8 +142,9 @@ def main() -> None:
     args = parse_args()
     # The warm-up times a cold compile for both sides: fresh inductor and Triton caches, not ones
     # that an earlier run on this machine filled (which made one side's warm-up 2.6 s).
-    cold_cache = Path(tempfile.mkdtemp(prefix="bench_train_cache_"))
-    os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = str(cold_cache), str(cold_cache / "triton")
+    cold_cache = tempfile.TemporaryDirectory(prefix="bench_train_cache_")  # removed when main returns
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold_cache.name
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(cold_cache.name, "triton")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
