@@ -9,7 +9,9 @@ layers (leaves), not with width, so a tiny-width model (d_model 64, context 64, 
 shows it on the CPU in minutes. The two sides then alternate --steps timed steps (steady state:
 each side's median). Inductor's on-disk and in-memory caches are off (set before torch loads),
 so neither side reuses the other's kernels, and a trivial function is compiled first so that
-neither side pays the compiler's one-time start-up.
+neither side pays the compiler's one-time start-up. Each side's warm-up is also split by the
+frames dynamo compiled (fnlm: the gradient, then the update; the reference: its loss, whose
+backward AOT compiles lazily outside that timer).
 
 fnlm:      fnlm.train.make_train_step(compile=True): grad_and_value + the adamw chain (clip,
            Adam, decay, lr), the gradient and the update each torch.compile'd (bench_train.py's Fnlm).
@@ -61,12 +63,19 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def compiled_frames_s() -> list[float]:
+    """Seconds dynamo spent on each frame it compiled so far, in order: capture, AOT and inductor
+    (torch's own timer; a backward that AOT compiles lazily at its first call is not in it)."""
+    return list(torch._dynamo.utils.compilation_time_metrics.get("_compile.compile_inner", []))
+
+
 def warm_up(cls, cfg: ModelConfig, params, batch) -> tuple:
-    """A side, its first (compiling) step's seconds and loss."""
+    """A side, its first (compiling) step's seconds, its loss and the seconds of each frame compiled."""
     side = cls(cfg, params, None, torch.device("cpu"), True, None)
+    frames_before = len(compiled_frames_s())
     start = time.perf_counter()
     loss = float(side.step(*batch))
-    return side, time.perf_counter() - start, loss
+    return side, time.perf_counter() - start, loss, compiled_frames_s()[frames_before:]
 
 
 def timed_steps(sides: dict, batches, steps: int) -> dict:
@@ -99,8 +108,8 @@ def main() -> None:
         batches = [(w[:, :-1], w[:, 1:]) for w in windows]
         sides, first = {}, {}
         for name, cls in (("fnlm", Fnlm), ("reference", Reference)):
-            sides[name], warmup, loss = warm_up(cls, cfg, params, batches[0])
-            first[name] = {"warmup_s": warmup, "first_loss": loss}
+            sides[name], warmup, loss, frames = warm_up(cls, cfg, params, batches[0])
+            first[name] = {"warmup_s": warmup, "first_loss": loss, "compiled_frames_s": frames}
         timed = timed_steps(sides, batches, args.steps)
         fnlm, reference = (
             first[name] | {"step_s": statistics.median(timed[name][0]), "losses": [first[name]["first_loss"]] + timed[name][1]}
@@ -120,6 +129,9 @@ def main() -> None:
               f"reference {1e3 * reference['step_s']:.1f} ms, ratio {row['step_time_ratio_fnlm_over_reference']:.2f}x "
               f"| loss after {args.steps + 1} steps fnlm {fnlm['losses'][-1]:.4f}, reference "
               f"{reference['losses'][-1]:.4f} (max gap {row['max_loss_gap']:.1e})", flush=True)
+        for name, side in (("fnlm", fnlm), ("reference", reference)):
+            print(f"          {name}'s compiled frames: {', '.join(f'{s:.1f}' for s in side['compiled_frames_s'])} s",
+                  flush=True)
     run = {
         "command": command_line(),
         "commit": commit,
