@@ -47,6 +47,9 @@ def check_kernels() -> None:
         for g, w in zip(got, want):
             torch.testing.assert_close(g.double(), w, atol=2e-2, rtol=2e-2)
 
+    # laid out (B, T, H, D), so that concatenating the heads for the output projection is a view
+    assert flash_attention.causal_attention(*half).transpose(1, 2).is_contiguous()
+
     # vmap over grad, as a sweep of stacked models does
     stacked = torch.stack([half[0], 2 * half[0]])
     grads = torch.func.vmap(torch.func.grad(loss), in_dims=(0, None, None, None))(
