@@ -1,14 +1,12 @@
-"""A full disk for tests: an injected ENOSPC in fnlm.files' writes (everywhere), or a real small
-tmpfs where this machine lets the test mount one (root on Linux; skipped elsewhere)."""
+"""A full disk for tests: an injected ENOSPC in fnlm.files' writes (everywhere), and the ballast
+that fills a real small tmpfs (conftest's small_tmpfs fixture: root on Linux; skipped elsewhere)."""
 
 from __future__ import annotations
 
 import builtins
 import contextlib
 import errno
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,22 +52,6 @@ def disk_full_after(monkeypatch: pytest.MonkeyPatch, limit: int) -> Iterator[Non
         for module in (files, download):
             patch.setattr(module, "open", filling_open, raising=False)
         yield
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 256 kB tmpfs mounted at tmp_path/disk (skips unless this process may mount one)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 def fill(disk: Path, leave: int) -> None:

@@ -14,7 +14,7 @@ from fnlm import cli
 from fnlm.tokenizer import Tokenizer, chunks
 from fnlm.tokenizer import encode_file as encode_file_module
 from tests.conftest import FIXTURES, subprocess_env
-from tests.full_disk import disk_full_after, fill, small_tmpfs  # noqa: F401 (a fixture)
+from tests.full_disk import disk_full_after, fill
 
 EOT = "<|endoftext|>"
 CORPUS = FIXTURES / "tinystories_sample.txt"

@@ -283,8 +283,8 @@ def test_update_is_pure():
     snapshot = [tree_map(torch.clone, tree) for tree in (params, grads, state)]
     updates, _ = optimizer.update(grads, state, params)
     new_params = apply_updates(params, updates)
-    for original, copy in zip((params, grads, state), snapshot):
-        assert all(torch.equal(a, b) for a, b in zip(flatten(original).values(), flatten(copy).values()))
+    for original, before in zip((params, grads, state), snapshot):
+        assert all(torch.equal(a, b) for a, b in zip(flatten(original).values(), flatten(before).values()))
     assert not torch.equal(new_params["norm"], params["norm"])
 
 

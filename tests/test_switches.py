@@ -174,9 +174,10 @@ def test_train_config_muon_is_muon_adamw_with_the_schedule_scaled_to_muon_lr():
     assert find_state(state, ScaleByMuonState) is not None
     wsd = lambda peak: warmup_stable_decay_schedule(peak, peak / 10, 2, 10, 0.5)  # noqa: E731
     expected = muon_adamw(wsd(0.02), wsd(2e-3), b1=0.9, b2=0.95, weight_decay=0.1, max_grad_norm=1.0)
+    expected_state = expected.init(params)
     for _ in range(3):
         updates, state = optimizer.update(grads, state, params)
-        want, expected_state = expected.update(grads, expected.init(params) if _ == 0 else expected_state, params)
+        want, expected_state = expected.update(grads, expected_state, params)
         for (key, got), other in zip(flatten(updates).items(), flatten(want).values()):
             torch.testing.assert_close(got, other, msg=key)
 

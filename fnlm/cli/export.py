@@ -58,8 +58,8 @@ def run_export(args: argparse.Namespace) -> int:
         export_npz(args.checkpoint, args.out)
         return 0
     if args.tokenizer is None:
-        raise ValueError(f"--format hf needs --tokenizer DIR, the model's tokenizer folder "
-                         f"(to write an .npz instead, name a file ending in .npz or pass --format npz)")
+        raise ValueError("--format hf needs --tokenizer DIR, the model's tokenizer folder "
+                         "(to write an .npz instead, name a file ending in .npz or pass --format npz)")
     return _needing_safetensors("fnlm export", lambda: export_hf(args.checkpoint, args.out, args.tokenizer))
 
 
