@@ -241,7 +241,7 @@ def test_fnlm_train_errors_are_one_line_naming_the_fault(tmp_path, token_files, 
     assert str(checkpoint) in cli_error(base + ["--resume", "--steps", "3", "--reschedule"], capsys)
     (tmp_path / "run" / "config.json").write_text('{"model": {"vocab_size": 4')
     line = cli_error(base + ["--resume"], capsys)
-    assert f"{tmp_path / 'run' / 'config.json'} is not valid JSON" in line
+    assert f"{tmp_path / 'run' / 'config.json'}: not valid JSON (line 1" in line
 
 
 def test_fnlm_train_help_describes_every_flag_with_its_default():

@@ -25,23 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, TrainConfig
-from ..files import new_folder, write_json
+from ..files import new_folder, read_json, write_json
 
 CONFIG, LOG, CHECKPOINTS, LOCK, PLOT = "config.json", "log.jsonl", "checkpoints", ".lock", "loss_curve.png"
 
 
 # --- config ------------------------------------------------------------------------------------
-
-
-def read_json(path: str | Path) -> Any:
-    """A JSON file's value; a file that does not parse is a ValueError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON (corrupt or cut short?): {error}") from None
 
 
 def save_run_config(run_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:

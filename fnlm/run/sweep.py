@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..config import ModelConfig, TrainConfig
-from ..files import write_json
+from ..files import read_json, write_json
 from ..train import TENSOR_HPARAMS
-from .folder import configs_from, read_json
+from .folder import configs_from
 
 # TrainConfig fields a sweep may vary: fnlm.train.TENSOR_HPARAMS, tensors inside the step, and
 # the seed, which chooses the initial parameters and, with the per-run stream, the batches. Each
