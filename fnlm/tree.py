@@ -3,22 +3,23 @@
 A flat view joins paths with dots ("layers.0.attn.q_proj.weight"); that flat dict IS a
 PyTorch state dict, and `flatten` / `unflatten` are the single bridge between the two.
 
-Two flatteners: optree in eager code, and torch.utils._pytree while torch.compile traces (dynamo
-captures its pure-Python flattening several times faster than optree's; a 12-layer step's
-capture is mostly pytree work). They order dict keys differently (optree sorts, torch keeps
-insertion order), so never zip leaves of two trees by position: take the second tree's leaves
-in the first one's order with `leaves_like`, or match by path.
+Two flatteners: optree in eager code, and a small one of our own while torch.compile traces
+(dynamo steps through the Python it traces, and torch.utils._pytree costs it several calls per
+node where ours costs one per dict, list or tuple: half the optimizer update's capture time,
+docs/experiments.md). Both treat None as an empty node and name paths alike. They order dict
+keys differently (optree sorts, ours keeps insertion order), so never zip leaves of two trees by
+position: take the second tree's leaves in the first one's order with `leaves_like`, or match
+by path.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import optree
 import torch
-import torch.utils._pytree as torch_pytree
 
 PyTree = Any  # nested dicts / lists / tuples / NamedTuples with tensor (or spec) leaves
 
@@ -28,6 +29,7 @@ __all__ = [
     "foreach",
     "global_norm",
     "leaves_like",
+    "num_leaves",
     "tree_flatten",
     "tree_leaves",
     "tree_map",
@@ -38,14 +40,11 @@ __all__ = [
 ]
 
 
-def _flattener() -> Any:
-    """torch's pytree while dynamo traces (torch.compile), optree otherwise: same API for what we use."""
-    return torch_pytree if torch.compiler.is_compiling() else optree
-
-
 def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """Apply `fn` leafwise over `tree` and trees of the same structure (matched by key, not position)."""
-    return _flattener().tree_map(fn, tree, *rest)
+    leaves, structure = tree_flatten(tree)
+    others = [leaves_like(structure, other) for other in rest]
+    return tree_unflatten(structure, [fn(*xs) for xs in zip(leaves, *others)])
 
 
 def tree_map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
@@ -57,26 +56,40 @@ def tree_map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> P
 
 def tree_leaves(tree: PyTree) -> list[Any]:
     """The leaves in the flattener's order: zip them with another tree's only through `leaves_like`."""
-    return _flattener().tree_leaves(tree)
+    return tree_flatten(tree)[0]
 
 
 def tree_flatten(tree: PyTree) -> tuple[list[Any], Any]:
     """(leaves, structure): for list-at-a-time (torch._foreach_*) work over a tree's leaves."""
-    return _flattener().tree_flatten(tree)
+    if not torch.compiler.is_compiling():
+        return optree.tree_flatten(tree)
+    leaves: list[Any] = []
+    return leaves, _traced_structure(tree, leaves)
 
 
 def leaves_like(structure: Any, tree: PyTree) -> list[Any]:
     """`tree`'s leaves in the order of `structure` (from tree_flatten of a tree shaped like it),
     matched by key: the way to zip two trees' leaves, whatever their dicts' insertion order.
     A ValueError if the structures differ."""
-    return structure.flatten_up_to(tree)
+    if isinstance(structure, optree.PyTreeSpec):
+        return structure.flatten_up_to(tree)
+    leaves: list[Any] = []
+    _traced_leaves_like(structure, tree, leaves)
+    return leaves
 
 
 def tree_unflatten(structure: Any, leaves: list[Any]) -> PyTree:
     """The inverse of `tree_flatten` (either flattener's structure)."""
     if isinstance(structure, optree.PyTreeSpec):
         return optree.tree_unflatten(structure, leaves)
-    return torch_pytree.tree_unflatten(leaves, structure)
+    return _traced_unflatten(structure, iter(leaves))
+
+
+def num_leaves(structure: Any) -> int:
+    """How many leaves a tree of this structure (either flattener's) holds."""
+    if isinstance(structure, optree.PyTreeSpec):
+        return structure.num_leaves
+    return 1 if structure is None else sum(num_leaves(child) for child in structure[2])
 
 
 def flatten(tree: PyTree) -> dict[str, Any]:
@@ -148,22 +161,75 @@ def _is_batched(value: Any) -> bool:
 
 
 def _flatten_with_paths(tree: PyTree) -> tuple[list[str], list[Any], Any]:
-    """(dotted paths, leaves, structure) with the flattener of `_flattener`: partition and the
-    sweep's labels flatten inside the compiled step too."""
+    """(dotted paths, leaves, structure) with either flattener: partition and the sweep's labels
+    flatten inside the compiled step too."""
     if torch.compiler.is_compiling():
-        pairs, structure = torch_pytree.tree_flatten_with_path(tree)
-        paths = [_join(tuple(_torch_key(entry) for entry in path)) for path, _ in pairs]
-        return paths, [leaf for _, leaf in pairs], structure
+        leaves, structure = tree_flatten(tree)
+        return [_join(path) for path in _traced_paths(structure, ())], leaves, structure
     paths, leaves, structure = optree.tree_flatten_with_path(tree)
     return [_join(path) for path in paths], leaves, structure
 
 
-def _torch_key(entry: Any) -> Any:
-    """A torch.utils._pytree key entry as optree names it: the dict key, list index or field."""
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return getattr(entry, attr)
-    raise TypeError(f"unexpected pytree key entry {entry!r}")
+# The traced flattener's structure of a tree: None for a leaf, else (type, dict keys or None, the
+# children's structures). Keys, indices and None follow optree, so paths agree with the eager
+# flattener. Written for dynamo's sake: a leaf is handled in its parent's loop, and there are no
+# comprehensions or dict(...) calls, since dynamo traces each of those as one more call.
+
+def _traced_structure(tree: Any, leaves: list[Any]) -> Any:
+    if not isinstance(tree, (dict, list, tuple)) and tree is not None:
+        leaves.append(tree)
+        return None
+    children = () if tree is None else tree.values() if isinstance(tree, dict) else tree
+    structures = []
+    for child in children:
+        if isinstance(child, (dict, list, tuple)) or child is None:
+            structures.append(_traced_structure(child, leaves))
+        else:
+            leaves.append(child)
+            structures.append(None)
+    return type(tree), tuple(tree) if isinstance(tree, dict) else None, tuple(structures)
+
+
+def _traced_leaves_like(structure: Any, tree: Any, leaves: list[Any]) -> None:
+    if structure is None:
+        leaves.append(tree)
+        return
+    kind, keys, children = structure
+    if not isinstance(tree, kind) or (tree is not None and len(tree) != len(children)):
+        raise ValueError(f"expected a {kind.__name__} of {len(children)} children, got {type(tree).__name__}")
+    if keys is not None and set(keys) != set(tree):
+        raise ValueError(f"expected dict keys {sorted(map(str, keys))}, got {sorted(map(str, tree))}")
+    for i, child_structure in enumerate(children):
+        child = tree[keys[i]] if keys is not None else tree[i]
+        if child_structure is None:
+            leaves.append(child)
+        else:
+            _traced_leaves_like(child_structure, child, leaves)
+
+
+def _traced_unflatten(structure: Any, leaves: Iterator[Any]) -> Any:
+    if structure is None:
+        return next(leaves)
+    kind, keys, children = structure
+    values = []
+    for child in children:
+        values.append(next(leaves) if child is None else _traced_unflatten(child, leaves))
+    if keys is not None:
+        node = {}
+        for key, value in zip(keys, values):
+            node[key] = value
+        return node if kind is dict else kind(node)
+    if kind is type(None):
+        return None
+    return kind(*values) if hasattr(kind, "_fields") else kind(values)  # a NamedTuple takes fields
+
+
+def _traced_paths(structure: Any, prefix: tuple) -> list[tuple]:
+    if structure is None:
+        return [prefix]
+    _, keys, children = structure
+    names = keys if keys is not None else range(len(children))
+    return [path for name, child in zip(names, children) for path in _traced_paths(child, (*prefix, name))]
 
 
 def _join(path: tuple[Any, ...]) -> str:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..tree import PyTree, foreach, global_norm, leaves_like, tree_flatten, tree_unflatten, zeros_like
+from ..tree import PyTree, foreach, global_norm, leaves_like, num_leaves, tree_flatten, tree_unflatten, zeros_like
 from .base import EmptyState, GradientTransformation, hyperparameter, map_leaves, zero_count
 from .schedules import Schedule
 
@@ -144,7 +144,7 @@ def _mask_leaves(structure, mask: PyTree) -> list:
     try:
         return leaves_like(structure, mask)
     except ValueError as error:
-        raise ValueError(f"mask must be a tree of {structure.num_leaves} bools shaped like params: {error}") from None
+        raise ValueError(f"mask must be a tree of {num_leaves(structure)} bools shaped like params: {error}") from None
 
 
 class ScaleByScheduleState(NamedTuple):
