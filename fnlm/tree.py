@@ -172,8 +172,9 @@ def _flatten_with_paths(tree: PyTree) -> tuple[list[str], list[Any], Any]:
 
 # The traced flattener's structure of a tree: None for a leaf, else (type, dict keys or None, the
 # children's structures). Keys, indices and None follow optree, so paths agree with the eager
-# flattener. Written for dynamo's sake: a leaf is handled in its parent's loop, and there are no
-# comprehensions or dict(...) calls, since dynamo traces each of those as one more call.
+# flattener. The three walks that the optimizer's update runs are written for dynamo's sake: a
+# leaf is handled in its parent's loop, and there are no comprehensions, enumerate or dict(...)
+# calls, since dynamo traces each of those as one more call.
 
 def _traced_structure(tree: Any, leaves: list[Any]) -> Any:
     if not isinstance(tree, (dict, list, tuple)) and tree is not None:
@@ -199,8 +200,8 @@ def _traced_leaves_like(structure: Any, tree: Any, leaves: list[Any]) -> None:
         raise ValueError(f"expected a {kind.__name__} of {len(children)} children, got {type(tree).__name__}")
     if keys is not None and set(keys) != set(tree):
         raise ValueError(f"expected dict keys {sorted(map(str, keys))}, got {sorted(map(str, tree))}")
-    for i, child_structure in enumerate(children):
-        child = tree[keys[i]] if keys is not None else tree[i]
+    for i in range(len(children)):
+        child_structure, child = children[i], tree[keys[i]] if keys is not None else tree[i]
         if child_structure is None:
             leaves.append(child)
         else:
