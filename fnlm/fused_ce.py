@@ -84,15 +84,17 @@ def _chunked_loss(
     num_rows, (vocab_size, dim) = x.shape[0], weight.shape
     w = weight.to(compute_dtype)
     padded_vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    padding = None
     if padded_vocab != vocab_size:  # zero rows, whose logits are masked to -inf below
         w = torch.cat([w, w.new_zeros(padded_vocab - vocab_size, dim)])
-    in_vocab = torch.arange(padded_vocab, device=w.device) < vocab_size  # (Vp,)
+        padding = torch.arange(padded_vocab, device=w.device) >= vocab_size  # (Vp,)
     total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
     grad_rows, grad_w = [], None
     for start in range(0, num_rows, chunk_rows):
         xc, yc = x[start:start + chunk_rows].to(compute_dtype), targets[start:start + chunk_rows]
         logits, squashed = _chunk_logits(w, xc, soft_cap)  # (C, Vp)
-        logits = logits.masked_fill(~in_vocab, -torch.inf)  # padding takes no probability
+        if padding is not None:
+            logits = logits.masked_fill(padding, -torch.inf)  # padding takes no probability
         log_normalizer = logits.logsumexp(-1, keepdim=True)  # (C, 1)
         total = total + (log_normalizer - logits.gather(-1, yc.unsqueeze(-1))).sum()
         if not with_grads:
