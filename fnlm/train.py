@@ -8,7 +8,8 @@ A step is torch.func.grad_and_value of the loss followed by the optimizer's pure
 and optimizer state stay in their own dtype (float32): autocast, when asked, covers only the
 forward pass, and the loss is float32. With compile=True the gradient and the update are two
 torch.compile'd functions, as in a data-parallel step (docs/experiments.md weighs this against one
-graph); the gradient transform is never applied to a compiled function.
+graph), except an optimizer's fused step (AdamW's one kernel on CUDA), which runs as it is; the
+gradient transform is never applied to a compiled function.
 The run itself (data, logging, checkpoints) lives in fnlm.run.
 """
 
@@ -31,7 +32,7 @@ from .optim import (
     Schedule,
     ScaleByScheduleState,
     adamw,
-    apply_updates,
+    apply_step,
     find_state,
     muon_adamw,
     warmup_cosine_schedule,
@@ -134,10 +135,10 @@ def make_train_step(
 
     def update(params: PyTree, opt_state: OptState, grads: PyTree, loss: Tensor):
         lr = learning_rate(opt_state, loss.device)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params, opt_state = apply_step(optimizer, grads, opt_state, params)
         clip = find_state(opt_state, ClipByGlobalNormState)  # the clip already measured the norm
         grad_norm = global_norm(grads).float() if clip is None else clip.grad_norm
-        return apply_updates(params, updates), opt_state, StepMetrics(loss, grad_norm, lr)
+        return params, opt_state, StepMetrics(loss, grad_norm, lr)
 
     def learning_rate(opt_state: OptState, device: torch.device) -> Tensor:
         counter = find_state(opt_state, ScaleByScheduleState)
@@ -148,7 +149,9 @@ def make_train_step(
     def compiled(fn: Callable) -> Callable:
         return torch.compile(fn, mode=compile_mode) if compile else fn
 
-    gradient, apply = compiled(value_and_grad), compiled(update)
+    # A fused step is its kernels already: compiling it around them bought nothing but a third of
+    # the warm-up (docs/experiments.md).
+    gradient, apply = compiled(value_and_grad), update if optimizer.fused_step else compiled(update)
     sync = grad_sync or (lambda grads_and_loss: grads_and_loss)
 
     def step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):

@@ -14,9 +14,9 @@ elsewhere), each side's peak GPU memory (the most its steps allocated, other var
 state excluded), and each side's warm-up (the first --warmup steps: compilation included, from
 empty compile caches).
 
-fnlm:      params pytree -> torch.func.grad_and_value(loss) -> adamw chain (clip, Adam, decay, lr)
-           -> apply_updates, all one pure function (compiled: the gradient and the update each
-           torch.compile'd).
+fnlm:      params pytree -> torch.func.grad_and_value(loss) -> adamw (clip, Adam, decay, lr)
+           -> the new params, all one pure function (compiled: the gradient torch.compile'd;
+           on CUDA the update is one Triton kernel over all leaves, uncompiled).
 reference: tests/reference.py's ReferenceLM (nn.Modules, F.scaled_dot_product_attention),
            loss.backward(), clip_grad_norm_, torch.optim.AdamW(fused=True); compiled means
            torch.compile(model), the usual way.

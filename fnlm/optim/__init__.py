@@ -4,17 +4,20 @@
     opt_state = optimizer.init(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = apply_updates(params, updates)
+    params, opt_state = apply_step(optimizer, grads, opt_state, params)  # the two lines above in one
 
 Muon for the hidden matrices beside AdamW for the rest: muon_adamw(muon_lr, adam_lr, ...), a
 `partition` of the tree by muon_labels (muon.py).
 """
 
+from . import adamw_kernel
 from .alias import adamw
 from .base import (
     EmptyState,
     GradientTransformation,
     OptState,
     PartitionState,
+    apply_step,
     apply_updates,
     chain,
     find_state,
@@ -46,6 +49,8 @@ __all__ = [
     "Schedule",
     "add_decayed_weights",
     "adamw",
+    "adamw_kernel",
+    "apply_step",
     "apply_updates",
     "chain",
     "clip_by_global_norm",

@@ -3,7 +3,8 @@
     init(params) -> state
     update(updates, state, params=None) -> (updates, state)
 
-`updates` enter as gradients and leave as the step to add to the parameters (apply_updates);
+`updates` enter as gradients and leave as the step to add to the parameters (apply_updates,
+or both at once: apply_step);
 states are NamedTuples of tensors and pytrees, so they flatten into checkpoints like params do.
 No function here modifies an argument in place.
 """
@@ -25,6 +26,9 @@ OptState = Any  # a NamedTuple, or a tuple of them for a chain
 class GradientTransformation(NamedTuple):
     init: Callable[[PyTree], OptState]
     update: Callable[..., tuple[PyTree, OptState]]  # (updates, state, params=None)
+    # (grads, state, params) -> (new params, state): apply_updates(params, update(...)[0]) in one
+    # pass over memory, for an optimizer with a fused kernel (adamw on CUDA); see apply_step.
+    fused_step: Callable[..., tuple[PyTree, OptState]] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -118,6 +122,14 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """params + updates, leafwise, out of place."""
     leaves, structure = tree_flatten(params)
     return tree_unflatten(structure, foreach("add", leaves, leaves_like(structure, updates)))
+
+
+def apply_step(optimizer: GradientTransformation, grads: PyTree, state: OptState, params: PyTree):
+    """(new params, new state): one optimizer step, by its fused_step where it has one."""
+    if optimizer.fused_step is not None:
+        return optimizer.fused_step(grads, state, params)
+    updates, state = optimizer.update(grads, state, params)
+    return apply_updates(params, updates), state
 
 
 def find_state(state: OptState, kind: type) -> Any | None:

@@ -89,7 +89,7 @@ def adam_directions(
     nu = foreach("mul", nu, b2)
     foreach("addcmul_", nu, grads, grads, value=1 - b2)
     dtype = functools.reduce(torch.promote_types, (m.dtype for m in mu), torch.float32)
-    correction1, correction2 = (_bias_correction(b, count, dtype) for b in (b1, b2))
+    correction1, correction2 = (bias_correction(b, count, dtype) for b in (b1, b2))
     # (m / c1) / (sqrt(v / c2) + eps). Tensor scalars only multiply: dynamo turns a foreach
     # add of a tensor scalar into .item(), a graph break.
     denom = foreach("sqrt", nu)
@@ -99,7 +99,7 @@ def adam_directions(
     return foreach("div", mu, denom), mu, nu
 
 
-def _bias_correction(decay: float, count: Tensor, dtype: torch.dtype) -> Tensor:
+def bias_correction(decay: float, count: Tensor, dtype: torch.dtype) -> Tensor:
     """1 - decay^count as -expm1(count log decay): exact to rounding even in float32 at count 1."""
     log_decay = math.log(decay) if decay > 0 else -math.inf  # decay 0: no correction needed (1)
     return -torch.expm1(count.to(dtype) * log_decay)

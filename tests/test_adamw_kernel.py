@@ -1,0 +1,79 @@
+"""The AdamW leaf kernel against the foreach chain: under Triton's CPU interpreter, and on CUDA.
+
+TRITON_INTERPRET must be set before the kernel is defined, so the interpreted check runs in a
+fresh process.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import subprocess_env
+
+triton = pytest.importorskip("triton")
+
+
+def run_adamw(device: str) -> None:
+    """Four steps of adamw as its fused step, as its update (on CUDA or interpreted: the kernel's
+    two modes) and as its chain agree on params and state, with and without clipping, over
+    leaves longer and shorter than a block."""
+    from fnlm.optim import adamw, apply_step, apply_updates, warmup_cosine_schedule
+    from fnlm.tree import tree_leaves, tree_map
+
+    generator = torch.Generator().manual_seed(0)
+    params = {"long": torch.randn(5000, generator=generator),
+              "blocks": {"w": torch.randn(33, 17, generator=generator), "b": torch.randn(3, generator=generator)}}
+    params = tree_map(lambda leaf: leaf.to(device), params)
+    for max_grad_norm in (None, 0.5):
+        schedule = warmup_cosine_schedule(1e-2, 1e-3, 2, 10)
+        fused, chain = (adamw(schedule, weight_decay=0.1, max_grad_norm=max_grad_norm, fused=f) for f in (True, False))
+        assert chain.fused_step is None
+        steps = [lambda g, s, p: apply_step(fused, g, s, p),
+                 lambda g, s, p: (lambda u, s: (apply_updates(p, u), s))(*fused.update(g, s, p)),
+                 lambda g, s, p: apply_step(chain, g, s, p)]
+        sides = [(params, fused.init(params)) for _ in steps]
+        for _ in range(4):
+            grads = tree_map(lambda leaf: torch.randn(leaf.shape, generator=generator).to(device), params)
+            sides = [step(grads, state, tree) for step, (tree, state) in zip(steps, sides)]
+        for side in sides[:2]:
+            for got, want in zip(tree_leaves(side), tree_leaves(sides[2])):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def check_kernel(device: str = "cpu") -> None:
+    from fnlm.optim import adamw_kernel
+
+    leaf = torch.zeros(3, device=device)
+    assert adamw_kernel.supports(leaf) and not adamw_kernel.supports(leaf.double())
+    run_adamw(device)
+    print("adamw kernel ok")
+
+
+def test_the_kernel_matches_the_chain_under_the_interpreter():
+    result = subprocess.run(
+        [sys.executable, "-c", "from tests.test_adamw_kernel import check_kernel; check_kernel()"],
+        env=subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "adamw kernel ok" in result.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_kernel_matches_the_chain_on_cuda():
+    check_kernel("cuda")
+
+
+def test_the_fused_step_is_the_update_applied_on_the_cpu():
+    run_adamw("cpu")  # the foreach path, without Triton's interpreter
+
+
+def test_the_kernel_is_not_used_on_the_cpu_or_under_vmap():
+    from fnlm.optim import adamw_kernel
+
+    leaf = torch.zeros(4, device="cuda" if torch.cuda.is_available() else "cpu")
+    assert adamw_kernel.supports(leaf) == (leaf.is_cuda or adamw_kernel.INTERPRET)
+    seen = []
+    torch.func.vmap(lambda x: seen.append(adamw_kernel.supports(x)) or x)(leaf[None])  # a sweep's stacked runs
+    assert seen == [False]
