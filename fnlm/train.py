@@ -8,7 +8,7 @@ A step is torch.func.grad_and_value of the loss followed by the optimizer's pure
 and optimizer state stay in their own dtype (float32): autocast, when asked, covers only the
 forward pass, and the loss is float32. With compile=True the gradient and the update are two
 torch.compile'd functions, as in a data-parallel step (docs/experiments.md weighs this against one
-graph), except an optimizer's fused step (AdamW's one kernel on CUDA), which runs as it is; the
+graph), except on CUDA an optimizer's fused step (AdamW's one kernel), which runs as it is; the
 gradient transform is never applied to a compiled function.
 The run itself (data, logging, checkpoints) lives in fnlm.run.
 """
@@ -149,9 +149,11 @@ def make_train_step(
     def compiled(fn: Callable) -> Callable:
         return torch.compile(fn, mode=compile_mode) if compile else fn
 
-    # A fused step is its kernels already: compiling it around them bought nothing but a third of
-    # the warm-up (docs/experiments.md).
-    gradient, apply = compiled(value_and_grad), update if optimizer.fused_step else compiled(update)
+    # On CUDA a fused step (AdamW's) is one kernel already: compiling around it bought nothing but
+    # a third of the warm-up (docs/experiments.md). On the CPU it is the foreach chain, which
+    # inductor still fuses into a faster step.
+    kernel_step = optimizer.fused_step is not None and device_type == "cuda"
+    gradient, apply = compiled(value_and_grad), update if kernel_step else compiled(update)
     sync = grad_sync or (lambda grads_and_loss: grads_and_loss)
 
     def step(params: PyTree, opt_state: OptState, x: Tensor, y: Tensor):

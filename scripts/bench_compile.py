@@ -13,8 +13,9 @@ neither side pays the compiler's one-time start-up. Each side's warm-up is also 
 frames dynamo compiled (fnlm: the gradient, then the update; the reference: its loss, whose
 backward AOT compiles lazily outside that timer).
 
-fnlm:      fnlm.train.make_train_step(compile=True): grad_and_value + the adamw chain (clip,
-           Adam, decay, lr), the gradient and the update each torch.compile'd (bench_train.py's Fnlm).
+fnlm:      fnlm.train.make_train_step(compile=True): grad_and_value + adamw's fused step (clip,
+           Adam, decay, lr and the add), the gradient and the update each torch.compile'd
+           (bench_train.py's Fnlm). On CUDA the update is one Triton kernel, uncompiled.
 reference: tests/reference.py's ReferenceLM with torch.compile(model.loss), loss.backward(),
            clip_grad_norm_ and torch.optim.AdamW(fused=True) eagerly (bench_train.py's Reference).
 

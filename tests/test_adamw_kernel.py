@@ -43,11 +43,24 @@ def run_adamw(device: str) -> None:
 
 
 def check_kernel(device: str = "cpu") -> None:
-    from fnlm.optim import adamw_kernel
+    from fnlm.optim import adamw, adamw_kernel, apply_step
+    from fnlm.tree import tree_leaves
 
     leaf = torch.zeros(3, device=device)
-    assert adamw_kernel.supports(leaf) and not adamw_kernel.supports(leaf.double())
+    assert adamw_kernel.supports(leaf) and not adamw_kernel.supports(leaf.double()) and not adamw_kernel.supports()
     run_adamw(device)
+    # inside a compiled function (as in muon_adamw's compiled update) the op stays opaque
+    optimizer = adamw(1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    params = {"w": torch.randn(40, 3, device=device), "b": torch.randn(3, device=device)}
+    grads = {"w": torch.ones(40, 3, device=device), "b": -torch.ones(3, device=device)}
+
+    def step(grads, state, params):
+        return apply_step(optimizer, grads, state, params)
+
+    want = step(grads, optimizer.init(params), params)
+    got = torch.compile(step, fullgraph=True)(grads, optimizer.init(params), params)
+    for g, w in zip(tree_leaves(got), tree_leaves(want)):
+        torch.testing.assert_close(g, w)
     print("adamw kernel ok")
 
 

@@ -15,12 +15,12 @@ with coefficients = [clip_scale, c1, 1 / sqrt(c2), -lr], a float32 (4,) tensor o
 step's values (global-norm clip, bias corrections 1 - b^t, scheduled rate), computed once for
 all leaves and read by the kernel without a host sync.
 
-Why a kernel: compiled, the update over GPT-2-small's 111 leaves took inductor about 25 s (a third
+Why a kernel: compiled, the update over GPT-2-small's 111 leaves took inductor 22-30 s (a third
 of the step's warm-up) to arrive at the same passes over memory. One launch for all leaves, each
-program finding its leaf in a table of addresses, takes 0.95x the compiled update's GPU time
-with the add to the parameters folded in, and no compile at all (docs/experiments.md). Under torch.compile the op is opaque (a custom op).
-`supports` says where it runs; elsewhere (CPU, float64, vmap) fnlm runs the foreach chain, which
-TRITON_INTERPRET=1 checks the kernel against.
+program finding its leaf in a table of addresses, takes 0.95x the compiled update's GPU time with
+the add to the parameters folded in, and no compile at all (docs/experiments.md). Under
+torch.compile the op is opaque (a custom op). `supports` says where it runs; elsewhere (CPU,
+float64, vmap) fnlm runs the foreach chain, which TRITON_INTERPRET=1 checks the kernel against.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def supports(*leaves: Tensor) -> bool:
     """Whether adamw_leaves runs on these tensors (parameters, their gradients and moments)."""
     return (
         triton is not None
-        and all((leaf.is_cuda or INTERPRET) and leaf.dtype == torch.float32 for leaf in leaves)
+        and len(leaves) > 0
+        and all((leaf.is_cuda or INTERPRET) and leaf.dtype == torch.float32 and leaf.device == leaves[0].device
+                for leaf in leaves)  # one table, one launch
         and not any(torch._C._functorch.is_batchedtensor(leaf) for leaf in leaves)
     )
 
