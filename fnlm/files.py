@@ -90,10 +90,10 @@ def read_json(path: str | os.PathLike) -> Any:
                          "the file is damaged or was cut short") from None
 
 
-def write_json(path: str | os.PathLike, value: Any) -> None:
+def write_json(path: str | os.PathLike, value: Any, indent: int = 2) -> None:
     """Write `value` as indented JSON and a newline, atomically (atomic_write)."""
     with atomic_write(path, "w") as file:
-        file.write(json.dumps(value, indent=2) + "\n")
+        file.write(json.dumps(value, indent=indent) + "\n")
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # errors that only a write raises

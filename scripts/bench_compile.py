@@ -42,8 +42,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import Fnlm, Reference  # noqa: E402
-from benchlib import command_line, device_name, write_json  # noqa: E402
+from benchlib import command_line, device_name  # noqa: E402
 from fnlm.config import ModelConfig  # noqa: E402
+from fnlm.files import write_json  # noqa: E402
 from fnlm.model import init_params  # noqa: E402
 
 

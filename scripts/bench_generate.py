@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fnlm without ins
 
 from fnlm.config import ModelConfig  # noqa: E402
 from fnlm.decode import generate, window_start  # noqa: E402
+from fnlm.files import write_json  # noqa: E402
 from fnlm.model import init_params, num_params, transformer_lm  # noqa: E402
 from fnlm.tree import tree_map  # noqa: E402
-from benchlib import device_name, synchronize, write_json  # noqa: E402
+from benchlib import device_name, synchronize  # noqa: E402
 
 REFERENCE = "fnlm dynamic cache"
 

@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 
 from benchlib import (  # noqa: E402
-    command_line, device_name, memory_allocated, peak_memory, reset_peak_memory, write_json,
+    command_line, device_name, memory_allocated, peak_memory, reset_peak_memory,
 )
 from fnlm import flash_attention  # noqa: E402
 from fnlm import nn as fnn  # noqa: E402
+from fnlm.files import write_json  # noqa: E402
 from fnlm.fused_ce import linear_cross_entropy  # noqa: E402
 
 ATTENTION_SHAPES = [(32, 12, 1024, 64), (128, 16, 256, 32), (64, 12, 512, 64)]  # gpt2-small, tinystories, leaderboard

@@ -50,10 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accounting import forward_flops  # noqa: E402
 from benchlib import (  # noqa: E402
-    command_line, device_name, memory_allocated, peak_memory, reset_peak_memory, synchronize, write_json,
+    command_line, device_name, memory_allocated, peak_memory, reset_peak_memory, synchronize,
 )
 from fnlm.config import AUTOCAST_DTYPES, ModelConfig  # noqa: E402
 from fnlm.data import load_tokens, resolve_device  # noqa: E402
+from fnlm.files import write_json  # noqa: E402
 from fnlm.model import init_params, num_params  # noqa: E402
 from fnlm.optim import adamw  # noqa: E402
 from fnlm.run.process import keep_freed_memory  # noqa: E402

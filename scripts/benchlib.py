@@ -3,11 +3,9 @@ writing the report: the command line and the JSON file."""
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -44,9 +42,3 @@ def device_name(device: torch.device) -> str:
 def command_line() -> str:
     """The script's name and its arguments, as a report records how it was made."""
     return " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
-
-
-def write_json(path: Path, value: Any, indent: int) -> None:
-    """value as JSON at path (its folder created), one newline at the end."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=indent) + "\n")

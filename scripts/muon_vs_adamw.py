@@ -34,8 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from accounting import param_count  # noqa: E402
-from benchlib import synchronize, write_json  # noqa: E402
+from benchlib import synchronize  # noqa: E402
 from fnlm.config import ModelConfig, TrainConfig  # noqa: E402
+from fnlm.files import write_json  # noqa: E402
 from fnlm.model import init_params  # noqa: E402
 from fnlm.sweep import make_sweep_step, stack  # noqa: E402
 from fnlm.train import make_loss_fn, make_optimizer, make_train_step  # noqa: E402

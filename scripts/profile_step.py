@@ -23,8 +23,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import BATCH_SIZES, CONFIGS, Fnlm, Reference, make_batches  # noqa: E402
-from benchlib import command_line, device_name, write_json  # noqa: E402
+from benchlib import command_line, device_name  # noqa: E402
 from fnlm.config import ModelConfig  # noqa: E402
+from fnlm.files import write_json  # noqa: E402
 from fnlm.model import init_params  # noqa: E402
 
 FAMILIES = [  # first match wins; lower-case substrings of kernel names
