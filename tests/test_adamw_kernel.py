@@ -1,4 +1,5 @@
-"""The AdamW leaf kernel against the foreach chain: under Triton's CPU interpreter, and on CUDA.
+"""The AdamW kernel (one launch over all leaves) against the foreach chain: under Triton's CPU
+interpreter, and on CUDA.
 
 TRITON_INTERPRET must be set before the kernel is defined, so the interpreted check runs in a
 fresh process.
