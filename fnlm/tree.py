@@ -28,6 +28,7 @@ __all__ = [
     "flatten",
     "foreach",
     "global_norm",
+    "is_batched",
     "leaves_like",
     "num_leaves",
     "tree_flatten",
@@ -140,7 +141,7 @@ def foreach(op: str, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
     lists = [arg for arg in args if isinstance(arg, (list, tuple))]
     # A list's first leaf stands for the list: vmap batches a tree's leaves alike, and a mix
     # would still fail loudly in the foreach op rather than compute anything wrong.
-    if not any(map(_is_batched, (*(xs[0] for xs in lists if xs), *args, *kwargs.values()))):
+    if not any(map(is_batched, (*(xs[0] for xs in lists if xs), *args, *kwargs.values()))):
         return getattr(torch, f"_foreach_{op}")(*args, **kwargs)
     per_leaf = _PER_LEAF.get(op) or getattr(torch.Tensor, op)
     return [
@@ -156,7 +157,8 @@ _PER_LEAF: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def _is_batched(value: Any) -> bool:
+def is_batched(value: Any) -> bool:
+    """Whether value is a tensor that torch.func.vmap is batching (a sweep's stacked runs)."""
     return isinstance(value, torch.Tensor) and torch._C._functorch.is_batchedtensor(value)
 
 

@@ -5,6 +5,7 @@ TRITON_INTERPRET must be set before the kernel is defined, so the interpreted ch
 fresh process.
 """
 
+import functools
 import subprocess
 import sys
 
@@ -31,9 +32,12 @@ def run_adamw(device: str) -> None:
         schedule = warmup_cosine_schedule(1e-2, 1e-3, 2, 10)
         fused, chain = (adamw(schedule, weight_decay=0.1, max_grad_norm=max_grad_norm, fused=f) for f in (True, False))
         assert chain.fused_step is None
-        steps = [lambda g, s, p: apply_step(fused, g, s, p),
-                 lambda g, s, p: (lambda u, s: (apply_updates(p, u), s))(*fused.update(g, s, p)),
-                 lambda g, s, p: apply_step(chain, g, s, p)]
+
+        def update_then_apply(grads, state, params):
+            updates, state = fused.update(grads, state, params)
+            return apply_updates(params, updates), state
+
+        steps = [functools.partial(apply_step, fused), update_then_apply, functools.partial(apply_step, chain)]
         sides = [(params, fused.init(params)) for _ in steps]
         for _ in range(4):
             grads = tree_map(lambda leaf: torch.randn(leaf.shape, generator=generator).to(device), params)

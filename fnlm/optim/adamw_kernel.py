@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..flash_attention import INTERPRET, triton
+from ..tree import is_batched
 
 if triton is not None:
     import triton.language as tl
@@ -46,7 +47,7 @@ def supports(*leaves: Tensor) -> bool:
         and len(leaves) > 0
         and all((leaf.is_cuda or INTERPRET) and leaf.dtype == torch.float32 and leaf.device == leaves[0].device
                 for leaf in leaves)  # one table, one launch
-        and not any(torch._C._functorch.is_batchedtensor(leaf) for leaf in leaves)
+        and not any(map(is_batched, leaves))
     )
 
 
