@@ -71,6 +71,18 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _CausalAttention.apply(q, k, v, q.shape[-1] ** -0.5)[0]
 
 
+def rotary_causal_attention(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """causal_attention of q and k rotated by fnlm.nn.rotate_pairs(., cos, sin), and v, where
+    q, k, v are the heads of one projection qkv (B, T, 3, H, D); cos, sin (T, D) -> (B, H, T, D).
+
+    The same function as rotating, then attending; but its gradient is the projection's, written
+    by the backward kernel with dQ and dK rotated back. Through autograd, the rotation's backward
+    and the concatenation of the three gradients were two more passes over them (4.1 of 56 GPU
+    ms a step at the leaderboard shape on an H200, docs/experiments.md).
+    """
+    return _RotaryCausalAttention.apply(qkv, cos, sin, qkv.shape[-1] ** -0.5)[0]
+
+
 if triton is not None:
 
     @triton.jit
@@ -183,21 +195,33 @@ if triton is not None:
         return dq + tl.dot(dscores.to(k.dtype), k)
 
     @triton.jit
+    def _unrotate(grad, cos, sin, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """The gradient (ROWS, D) of fnlm.nn.rotate_pairs' output -> that of its input: the
+        transpose of x cos + swap(x) sin is g cos + swap(g sin), swap exchanging each pair."""
+        pairs = tl.reshape(grad * sin, (ROWS, HEAD_DIM // 2, 2))
+        even, odd = tl.split(pairs)
+        return grad * cos + tl.reshape(tl.join(odd, even), (ROWS, HEAD_DIM))
+
+    @triton.jit
     def _backward_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+        Q, K, V, DO, LSE, DELTA, GRADS, COS, SIN,
         q_stride_b, q_stride_h, q_stride_t,
         k_stride_b, k_stride_h, k_stride_t,
         v_stride_b, v_stride_h, v_stride_t,
         do_stride_b, do_stride_h, do_stride_t,
+        grad_stride_b, grad_stride_part, grad_stride_h, grad_stride_t,
         num_heads, seq_len,
         SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, SMALL: tl.constexpr, BIG: tl.constexpr, EVEN: tl.constexpr,
+        ROTARY: tl.constexpr,
     ):
         """Program i of a head computes dK, dV of key block i and dQ of query block i (BIG rows
         each), stepping SMALL rows at a time and recomputing P from the log-sum-exp.
 
         Key block i meets the queries from block i on, query block i the keys up to block i: the
         two halves together cost every program the same, whatever i, which balances the causal
-        triangle. EVEN (T a multiple of BIG): only the diagonal's steps are masked."""
+        triangle. EVEN (T a multiple of BIG): only the diagonal's steps are masked. ROTARY: Q and
+        K were rotated by RoPE's tables COS, SIN (T, D); dQ and dK are rotated back before they
+        are stored. dQ, dK, dV are parts 0, 1, 2 of GRADS, strided as (B, 3, H, T, D) by grad_stride_*."""
         block, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // num_heads, bh % num_heads
         dims = tl.arange(0, HEAD_DIM)
@@ -221,9 +245,15 @@ if triton is not None:
             dk, dv = _backward_kv_step(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
                                        do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len,
                                        start_m, dk, dv, log2_scale, SMALL, False)
-        offsets = bh * seq_len * HEAD_DIM + cols[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(DK + offsets, (dk * SCALE).to(DK.dtype.element_ty), mask=(cols < seq_len)[:, None])
-        tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=(cols < seq_len)[:, None])
+        offsets = b * grad_stride_b + h * grad_stride_h + cols[:, None] * grad_stride_t + dims[None, :]  # of dQ
+        in_sequence = (cols < seq_len)[:, None]
+        if ROTARY:
+            table = cols[:, None] * HEAD_DIM + dims[None, :]
+            cos = tl.load(COS + table, mask=in_sequence, other=0.0)
+            sin = tl.load(SIN + table, mask=in_sequence, other=0.0)
+            dk = _unrotate(dk, cos, sin, BIG, HEAD_DIM)
+        tl.store(GRADS + grad_stride_part + offsets, (dk * SCALE).to(GRADS.dtype.element_ty), mask=in_sequence)
+        tl.store(GRADS + 2 * grad_stride_part + offsets, dv.to(GRADS.dtype.element_ty), mask=in_sequence)
 
         # dQ of query block i: the same indices, as queries
         rows = cols
@@ -242,7 +272,9 @@ if triton is not None:
             dq = _backward_q_step(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h,
                                   v_stride_t, q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
                                   log2_scale, SMALL, True)
-        tl.store(DQ + offsets, (dq * SCALE).to(DQ.dtype.element_ty), mask=(rows < seq_len)[:, None])
+        if ROTARY:
+            dq = _unrotate(dq, cos, sin, BIG, HEAD_DIM)
+        tl.store(GRADS + offsets, (dq * SCALE).to(GRADS.dtype.element_ty), mask=in_sequence)
 
     def _strides(*tensors: Tensor) -> list[int]:
         """(batch, head, time) strides of each (B, H, T, D) tensor, whose last dim must be contiguous."""
@@ -263,17 +295,21 @@ if triton is not None:
         )
         return out, lse
 
-    def _launch_backward(launch, q, k, v, out, lse, grad_out, scale) -> tuple[Tensor, Tensor, Tensor]:
+    def _launch_backward(launch, q, k, v, out, lse, grad_out, scale, grads, grad_strides, tables=None) -> None:
+        """Write dq, dk, dv into `grads`, which grad_strides (of its (B, 3, H, T, D) view) lay out;
+        with tables (cos, sin (T, D) float32), q and k are RoPE-rotated and dq, dk are rotated back.
+
+        `grads` itself, not a view of it, goes to the kernel: inductor's functional form of a
+        kernel that writes its arguments keeps aliasing only that way."""
         batch, heads, seq_len, head_dim = q.shape
         delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, T): rowsum(dO * O)
-        dq, dk, dv = (torch.empty(q.shape, dtype=t.dtype, device=q.device) for t in (q, k, v))
+        cos, sin = (t.contiguous() for t in tables) if tables is not None else (lse, lse)  # unread without
         small, big, warps, stages = tuning("backward", head_dim)
         launch(_backward_kernel)[(triton.cdiv(seq_len, big), batch * heads)](
-            q, k, v, grad_out, lse, delta, dq, dk, dv, *_strides(q, k, v, grad_out), heads, seq_len,
-            SCALE=scale, HEAD_DIM=head_dim, SMALL=small, BIG=big, EVEN=seq_len % big == 0,
-            num_warps=warps, num_stages=stages,
+            q, k, v, grad_out, lse, delta, grads, cos, sin, *_strides(q, k, v, grad_out), *grad_strides[:4],
+            heads, seq_len, SCALE=scale, HEAD_DIM=head_dim, SMALL=small, BIG=big, EVEN=seq_len % big == 0,
+            ROTARY=tables is not None, num_warps=warps, num_stages=stages,
         )
-        return dq, dk, dv
 
     # wrap_triton lets torch.compile trace the launches; interpreted kernels are launched as they are.
     _launcher = (lambda kernel: kernel) if INTERPRET else torch.library.wrap_triton
@@ -286,8 +322,24 @@ if triton is not None:
     @torch.library.triton_op("fnlm::causal_attention_backward", mutates_args=())
     def _causal_attention_backward_op(
         q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, scale: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return _launch_backward(_launcher, q, k, v, out, lse, grad_out, scale)
+    ) -> Tensor:
+        """dq, dk, dv stacked: (B, 3, H, T, D)."""
+        batch, heads, seq_len, head_dim = q.shape
+        grads = torch.empty((batch, 3, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
+        _launch_backward(_launcher, q, k, v, out, lse, grad_out, scale, grads, grads.stride())
+        return grads
+
+    @torch.library.triton_op("fnlm::rotary_attention_backward", mutates_args=())
+    def _rotary_attention_backward_op(
+        q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, cos: Tensor, sin: Tensor,
+        scale: float,
+    ) -> Tensor:
+        """The gradient of the unrotated projection (B, T, 3, H, D) that q, k (rotated) and v came from."""
+        batch, heads, seq_len, head_dim = q.shape
+        qkv_grad = torch.empty((batch, seq_len, 3, heads, head_dim), dtype=q.dtype, device=q.device)
+        strides = qkv_grad.permute(0, 2, 3, 1, 4).stride()  # of its (B, 3, H, T, D) view
+        _launch_backward(_launcher, q, k, v, out, lse, grad_out, scale, qkv_grad, strides, (cos, sin))
+        return qkv_grad
 
     class _CausalAttention(torch.autograd.Function):
         """The ops' autograd, in the setup_context style that torch.func transforms require; the
@@ -312,13 +364,47 @@ if triton is not None:
         def backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
             q, k, v, out, lse = ctx.saved_tensors
             with torch.no_grad():
-                dq, dk, dv = torch.ops.fnlm.causal_attention_backward(q, k, v, out, lse, grad_out, ctx.scale)
-            return dq, dk, dv, None
+                grads = torch.ops.fnlm.causal_attention_backward(q, k, v, out, lse, grad_out, ctx.scale)
+            return *grads.unbind(1), None
+
+    class _RotaryCausalAttention(torch.autograd.Function):
+        """rotary_causal_attention's autograd: the rotation in PyTorch (inductor fuses it), the
+        attention by the op, the backward by the rotary backward op. Rotated q and k are saved
+        (the backward reads them block after block) and so is the projection, whose v it reads."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(qkv: Tensor, cos: Tensor, sin: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            from .nn import qkv_heads, rotate_pairs  # fnlm.nn imports this module
+
+            q, k, v = qkv_heads(qkv)  # (B, H, T, D) each
+            q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+            with torch.no_grad():
+                return *torch.ops.fnlm.causal_attention(q, k, v, scale), q, k
+
+        @staticmethod
+        def setup_context(ctx, inputs, output) -> None:
+            qkv, cos, sin, scale = inputs
+            out, lse, q, k = output
+            ctx.mark_non_differentiable(lse, q, k)
+            ctx.save_for_backward(qkv, cos, sin, out, lse, q, k)
+            ctx.scale = scale
+
+        @staticmethod
+        def backward(ctx, grad_out: Tensor, *_grads_of_saved):
+            qkv, cos, sin, out, lse, q, k = ctx.saved_tensors
+            v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D), as qkv_heads
+            with torch.no_grad():
+                qkv_grad = torch.ops.fnlm.rotary_attention_backward(q, k, v, out, lse, grad_out, cos, sin, ctx.scale)
+            return qkv_grad, None, None, None
 
     torch._dynamo.allow_in_graph(_CausalAttention)  # as fnlm.nn's Functions: compiled vmap needs it
+    torch._dynamo.allow_in_graph(_RotaryCausalAttention)
 
-    def _fold_vmap_dim(op):
-        """A vmap rule: fold the vmapped dim of every tensor into its batch dim B, run, unfold."""
+    def _fold_vmap_dim(op, shared: int = 0):
+        """A vmap rule: fold the vmapped dim of every tensor but the last `shared` (RoPE's tables,
+        which must be unbatched) into its batch dim B, run, unfold."""
 
         def rule(info, in_dims, *args):
             def fold(arg, dim):
@@ -327,12 +413,19 @@ if triton is not None:
                 batched = arg.movedim(dim, 0) if dim is not None else arg.expand(info.batch_size, *arg.shape)
                 return batched.flatten(0, 1)
 
-            outputs = op(*(fold(arg, dim) for arg, dim in zip(args, in_dims)))
+            tensors = [i for i, arg in enumerate(args) if isinstance(arg, Tensor)]
+            kept = set(tensors[len(tensors) - shared:])
+            if any(in_dims[i] is not None for i in kept):
+                raise ValueError("the rotary attention's cos and sin tables cannot be batched by vmap")
+            outputs = op(*(arg if i in kept else fold(arg, dim) for i, (arg, dim) in enumerate(zip(args, in_dims))))
+            if isinstance(outputs, Tensor):  # the backward ops' gradients
+                return outputs.unflatten(0, (info.batch_size, -1)), 0
             return tuple(out.unflatten(0, (info.batch_size, -1)) for out in outputs), (0,) * len(outputs)
 
         return rule
 
-    torch.library.register_vmap("fnlm::causal_attention", _fold_vmap_dim(torch.ops.fnlm.causal_attention))
+    for _name in ("causal_attention", "causal_attention_backward"):
+        torch.library.register_vmap(f"fnlm::{_name}", _fold_vmap_dim(getattr(torch.ops.fnlm, _name)))
     torch.library.register_vmap(
-        "fnlm::causal_attention_backward", _fold_vmap_dim(torch.ops.fnlm.causal_attention_backward)
+        "fnlm::rotary_attention_backward", _fold_vmap_dim(torch.ops.fnlm.rotary_attention_backward, shared=2)
     )

@@ -215,6 +215,16 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto") -> T
     (the same function without the (T, T) scores; CUDA in half precision, or Triton's CPU
     interpreter), "auto" the kernels where they run on CUDA, else the definition.
     """
+    if uses_kernels(q, kernel):
+        return flash_attention.causal_attention(q, k, v)
+    seq_len = q.shape[-2]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()  # (T, T)
+    return scaled_dot_product_attention(q, k, v, causal)
+
+
+def uses_kernels(q: Tensor, kernel: str) -> bool:
+    """Whether causal_attention(q, ..., kernel) runs fnlm.flash_attention's kernels; a clear error
+    for an unknown kernel, or "triton" where they cannot run."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
     if kernel == "triton" and not flash_attention.supports(q):
@@ -222,11 +232,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel: str = "auto") -> T
             f"the Triton attention kernels need Triton, CUDA (or TRITON_INTERPRET=1), float16/bfloat16 and a "
             f"power-of-two head dim in 16..128; got {q.dtype} {tuple(q.shape)} on {q.device}"
         )
-    if kernel == "triton" or kernel == "auto" and q.is_cuda and flash_attention.supports(q):
-        return flash_attention.causal_attention(q, k, v)
-    seq_len = q.shape[-2]
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()  # (T, T)
-    return scaled_dot_product_attention(q, k, v, causal)
+    return kernel == "triton" or kernel == "auto" and q.is_cuda and flash_attention.supports(q)
 
 
 def multihead_self_attention(
@@ -247,7 +253,13 @@ def multihead_self_attention(
     """
     if token_positions is None:
         token_positions = torch.arange(x.shape[-2], device=x.device)
-    q, k, v = attention_heads(params, x, num_heads, token_positions, rope_theta)
+    qkv = qkv_projection(params, x, num_heads)  # (..., T, 3, H, Dh)
+    q, k, v = qkv_heads(qkv)
+    if rope_theta is not None and "q_norm" not in params and token_positions.ndim == 1 and uses_kernels(q, attention):
+        # One kernel rotates q and k back in the gradient and writes it as the projection's.
+        cos, sin = rope_tables(token_positions, q.shape[-1], rope_theta, q.dtype)  # (T, Dh)
+        return attention_output(params, flash_attention.rotary_causal_attention(qkv, cos, sin))
+    q, k = normalized_rotated(params, q, k, token_positions, rope_theta)
     return attention_output(params, causal_attention(q, k, v, attention))
 
 
@@ -262,21 +274,38 @@ def attention_heads(
     With q_norm and k_norm gains in params ({"weight": (Dh,)}, ModelConfig.qk_norm), each head's
     queries and keys are RMS-normalized first (eps QK_NORM_EPS), which bounds the attention logits.
     """
+    q, k, v = qkv_heads(qkv_projection(params, x, num_heads))
+    return *normalized_rotated(params, q, k, token_positions, rope_theta), v
+
+
+def qkv_projection(params: PyTree, x: Tensor, num_heads: int) -> Tensor:
+    """x (..., T, D) -> queries, keys and values of every head from one matmul: (..., T, 3, H, Dh)."""
     d_model = x.shape[-1]
     if d_model % num_heads:
         raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
     w_qkv = torch.cat([params[name]["weight"] for name in ("q_proj", "k_proj", "v_proj")])  # (3D, D)
-    qkv = (x @ w_qkv.T).unflatten(-1, (3, num_heads, d_model // num_heads))  # (..., T, 3, H, Dh)
-    # Views of the one projection: a split along D with v copied out saved 0.9 GiB at GPT-2-small
-    # but cost 4.5% of the step (docs/results/qkv_layout_h200_gpt2-small.json).
-    q, k, v = qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)  # (..., H, T, Dh) each
+    return (x @ w_qkv.T).unflatten(-1, (3, num_heads, d_model // num_heads))
+
+
+def qkv_heads(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """qkv (..., T, 3, H, Dh) -> q, k, v (..., H, T, Dh), views.
+
+    Views of the one projection: a split along D with v copied out saved 0.9 GiB at GPT-2-small
+    but cost 4.5% of the step (docs/results/qkv_layout_h200_gpt2-small.json)."""
+    return qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)
+
+
+def normalized_rotated(
+    params: PyTree, q: Tensor, k: Tensor, token_positions: Tensor, rope_theta: float | None
+) -> tuple[Tensor, Tensor]:
+    """q, k (..., H, T, Dh) -> RMS-normalized (with q_norm, k_norm gains) and rotated (with rope_theta)."""
     if "q_norm" in params:
         q, k = rmsnorm(params["q_norm"], q, QK_NORM_EPS), rmsnorm(params["k_norm"], k, QK_NORM_EPS)
     if rope_theta is not None:
         head_positions = token_positions.unsqueeze(-2)  # (..., 1, T): the same angles for every head
         cos, sin = rope_tables(head_positions, q.shape[-1], rope_theta, q.dtype)
         q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
-    return q, k, v
+    return q, k
 
 
 def attention_output(params: PyTree, heads: Tensor) -> Tensor:

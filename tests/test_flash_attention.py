@@ -57,10 +57,38 @@ def check_kernels() -> None:
     )
     torch.testing.assert_close(grads[0], got[0])
 
+    # rotary attention over one projection: the gradient with dq, dk rotated back, as autograd's
+    from fnlm.nn import qkv_heads, rope_tables, rotate_pairs
+
+    def rotate_then_attend(qkv, cos, sin):
+        q, k, v = qkv_heads(qkv)
+        return scaled_dot_product_attention(rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin), v, causal)
+
+    for seq_len in (5, 64, 130):
+        qkv = torch.randn(2, seq_len, 3, 2, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        grad_out = torch.randn(2, 2, seq_len, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+        cos, sin = rope_tables(torch.arange(seq_len), 32, 100.0, torch.float32)
+        fused = lambda qkv: flash_attention.rotary_causal_attention(qkv, cos, sin)  # noqa: E731
+        torch.testing.assert_close(fused(qkv.half()).double(), rotate_then_attend(qkv, cos.double(), sin.double()),
+                                   atol=5e-3, rtol=5e-3)
+        got = torch.func.grad(lambda qkv: (fused(qkv) * grad_out).sum())(qkv.half())
+        want = torch.func.grad(lambda qkv: (rotate_then_attend(qkv, cos.double(), sin.double()) * grad_out).sum())(qkv)
+        torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+    stacked = torch.stack([qkv.half(), 2 * qkv.half()])  # and under vmap, as a sweep
+    grads = torch.func.vmap(torch.func.grad(lambda qkv: (fused(qkv) * grad_out).sum()))(stacked)
+    torch.testing.assert_close(grads[0], got)
+
     # the whole model in float16 takes the kernel path and matches float64 without it
     cfg = ModelConfig(vocab_size=50, context_length=24, d_model=64, num_layers=2, num_heads=2, d_ff=96)
     params = init_params(cfg, seed=0, dtype=torch.float64)
     ids = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss16 = cross_entropy(transformer_lm(tree_map(torch.Tensor.half, params), ids, cfg, attention="triton"), ids)
+    loss64 = cross_entropy(transformer_lm(params, ids, cfg, attention="plain"), ids)
+    assert abs(loss16.item() - loss64.item()) < 1e-2, (loss16, loss64)
+    # the same with QK-norm, which rotates normalized q and k: the unfused kernel
+    cfg = ModelConfig(vocab_size=50, context_length=24, d_model=64, num_layers=1, num_heads=2, d_ff=96, qk_norm=True)
+    params = init_params(cfg, seed=0, dtype=torch.float64)
     loss16 = cross_entropy(transformer_lm(tree_map(torch.Tensor.half, params), ids, cfg, attention="triton"), ids)
     loss64 = cross_entropy(transformer_lm(params, ids, cfg, attention="plain"), ids)
     assert abs(loss16.item() - loss64.item()) < 1e-2, (loss16, loss64)
@@ -106,3 +134,25 @@ def test_the_kernel_is_an_explicit_choice():
         block_m, block_n, *_ = flash_attention.tuning("forward", head_dim)
         small, big, *_ = flash_attention.tuning("backward", head_dim)
         assert block_m % block_n == 0 and big % small == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_rotary_kernel_compiled_on_cuda_matches_the_definition():
+    """bf16 on the GPU, eager and inside torch.compile(fullgraph=True), against float32 without kernels."""
+    from fnlm.nn import multihead_self_attention
+
+    cuda, d_model, heads = torch.device("cuda"), 256, 4
+    generator = torch.Generator().manual_seed(0)
+    params = {name: {"weight": torch.randn(d_model, d_model, generator=generator).to(cuda) * d_model**-0.5}
+              for name in ("q_proj", "k_proj", "v_proj", "output_proj")}
+    x = torch.randn(2, 384, d_model, generator=generator).to(cuda)  # T not a multiple of the blocks
+
+    def loss(params, x, attention):
+        with torch.autocast("cuda", torch.bfloat16, enabled=attention == "triton"):
+            return multihead_self_attention(params, x, heads, rope_theta=10000.0, attention=attention).float().square().mean()
+
+    want = torch.func.grad(loss, argnums=(0, 1))(params, x, "plain")
+    for grad in (torch.func.grad(loss, argnums=(0, 1)), torch.compile(torch.func.grad(loss, argnums=(0, 1)), fullgraph=True)):
+        got = grad(params, x, "triton")
+        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            torch.testing.assert_close(g, w, atol=2e-2 * w.abs().max().item(), rtol=0)
