@@ -8,13 +8,15 @@ backward uses to recompute the probabilities block by block.
 
 Shape legend: B batch, H heads, T sequence, D head dim (16..128, a power of two).
 q, k, v may be strided views (the last dim must be contiguous). The output is laid out as
-(B, T, H, D), which makes the concatenation of heads that follows a view; the gradients are contiguous.
+(B, T, H, D), which makes the concatenation of heads that follows a view. With RoPE,
+`rotary_causal_attention` takes the q/k/v projection (B, T, 3, H, D) and RoPE's tables, and its
+backward kernel returns that projection's gradient, dQ and dK rotated back.
 
-The kernels are registered as torch.library ops (`fnlm::causal_attention` and its backward)
-with vmap rules, and tied together by an autograd.Function, so torch.func.grad,
-torch.func.vmap and torch.compile treat them like any aten op. Without Triton or a GPU, `available` is False and
-fnlm uses the plain PyTorch path. Setting TRITON_INTERPRET=1 runs the kernels on the CPU
-(slowly), which is how the tests check them without a GPU.
+The kernels are registered as torch.library ops (`fnlm::causal_attention`, its backward and the
+rotary backward) with vmap rules, and tied together by autograd.Functions, so torch.func.grad,
+torch.func.vmap and torch.compile treat them like any aten op. Without Triton or a GPU,
+`supports` is False and fnlm uses the plain PyTorch path. Setting TRITON_INTERPRET=1 runs the
+kernels on the CPU (slowly), which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations
@@ -299,11 +301,12 @@ if triton is not None:
         """Write dq, dk, dv into `grads`, which grad_strides (of its (B, 3, H, T, D) view) lay out;
         with tables (cos, sin (T, D) float32), q and k are RoPE-rotated and dq, dk are rotated back.
 
-        `grads` itself, not a view of it, goes to the kernel: inductor's functional form of a
-        kernel that writes its arguments keeps aliasing only that way."""
+        `grads` goes to the kernel whole, with strides, rather than as three views of it: views
+        of one buffer written by a kernel are a case of inductor's functional form of kernel
+        writes that this code does not rely on."""
         batch, heads, seq_len, head_dim = q.shape
         delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, T): rowsum(dO * O)
-        cos, sin = (t.contiguous() for t in tables) if tables is not None else (lse, lse)  # unread without
+        cos, sin = (t.contiguous() for t in tables) if tables is not None else (lse, lse)  # unread without tables
         small, big, warps, stages = tuning("backward", head_dim)
         launch(_backward_kernel)[(triton.cdiv(seq_len, big), batch * heads)](
             q, k, v, grad_out, lse, delta, grads, cos, sin, *_strides(q, k, v, grad_out), *grad_strides[:4],
@@ -370,7 +373,8 @@ if triton is not None:
     class _RotaryCausalAttention(torch.autograd.Function):
         """rotary_causal_attention's autograd: the rotation in PyTorch (inductor fuses it), the
         attention by the op, the backward by the rotary backward op. Rotated q and k are saved
-        (the backward reads them block after block) and so is the projection, whose v it reads."""
+        (the backward reads them block after block) and so is the projection, whose v it reads;
+        the two ways of saving less that were measured were slower (docs/experiments.md)."""
 
         generate_vmap_rule = True
 
@@ -402,9 +406,9 @@ if triton is not None:
     torch._dynamo.allow_in_graph(_CausalAttention)  # as fnlm.nn's Functions: compiled vmap needs it
     torch._dynamo.allow_in_graph(_RotaryCausalAttention)
 
-    def _fold_vmap_dim(op, shared: int = 0):
-        """A vmap rule: fold the vmapped dim of every tensor but the last `shared` (RoPE's tables,
-        which must be unbatched) into its batch dim B, run, unfold."""
+    def _fold_vmap_dim(op, unbatched: int = 0):
+        """A vmap rule: fold the vmapped dim of every tensor but the last `unbatched` (RoPE's
+        tables, which must not be batched) into its batch dim B, run, unfold."""
 
         def rule(info, in_dims, *args):
             def fold(arg, dim):
@@ -414,7 +418,7 @@ if triton is not None:
                 return batched.flatten(0, 1)
 
             tensors = [i for i, arg in enumerate(args) if isinstance(arg, Tensor)]
-            kept = set(tensors[len(tensors) - shared:])
+            kept = set(tensors[len(tensors) - unbatched:])
             if any(in_dims[i] is not None for i in kept):
                 raise ValueError("the rotary attention's cos and sin tables cannot be batched by vmap")
             outputs = op(*(arg if i in kept else fold(arg, dim) for i, (arg, dim) in enumerate(zip(args, in_dims))))
@@ -427,5 +431,5 @@ if triton is not None:
     for _name in ("causal_attention", "causal_attention_backward"):
         torch.library.register_vmap(f"fnlm::{_name}", _fold_vmap_dim(getattr(torch.ops.fnlm, _name)))
     torch.library.register_vmap(
-        "fnlm::rotary_attention_backward", _fold_vmap_dim(torch.ops.fnlm.rotary_attention_backward, shared=2)
+        "fnlm::rotary_attention_backward", _fold_vmap_dim(torch.ops.fnlm.rotary_attention_backward, unbatched=2)
     )
