@@ -145,7 +145,7 @@ def test_the_rotary_kernel_compiled_on_cuda_matches_the_definition():
     generator = torch.Generator().manual_seed(0)
     params = {name: {"weight": torch.randn(d_model, d_model, generator=generator).to(cuda) * d_model**-0.5}
               for name in ("q_proj", "k_proj", "v_proj", "output_proj")}
-    x = torch.randn(2, 384, d_model, generator=generator).to(cuda)  # T not a multiple of the blocks
+    x = torch.randn(2, 384, d_model, generator=generator).to(cuda)  # the EVEN kernels; the interpreter checks the rest
 
     def loss(params, x, attention):
         with torch.autocast("cuda", torch.bfloat16, enabled=attention == "triton"):
