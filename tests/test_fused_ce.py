@@ -44,6 +44,17 @@ def test_loss_and_gradients_match_the_plain_path(soft_cap, chunk_rows, vocab):
     torch.testing.assert_close(x_leaf.grad, 3 * want_grads[1], rtol=1e-10, atol=1e-12)
 
 
+def test_the_compiled_form_matches_the_plain_path_too():
+    """torch.compile traces the chunk's one-expression form (eager works in place): both are checked."""
+    weight, x, targets = problem(vocab=11)
+    fused = lambda w, h: linear_cross_entropy(w, h, targets, chunk_rows=4)  # noqa: E731
+    want_grads, want = torch.func.grad_and_value(lambda w, h: plain(w, h, targets), argnums=(0, 1))(weight, x)
+    got_grads, got = torch.compile(torch.func.grad_and_value(fused, argnums=(0, 1)), fullgraph=True)(weight, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_without_gradients_it_only_computes_the_loss():
     weight, x, targets = problem()
     with torch.no_grad():
