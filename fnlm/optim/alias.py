@@ -110,12 +110,14 @@ def _fused(learning_rate, b1, b2, eps, weight_decay, max_grad_norm) -> Callable:
         else:
             if clip_scale is not None:
                 grads = foreach("mul", grads, clip_scale)
-            directions, mu, nu = adam_directions(grads, mu, nu, count, b1, b2, eps)
+            # The chain's arithmetic, on the directions in place (they are this step's own): in
+            # eager mode each new leaf is an allocation, as long as a pass over it on the CPU.
+            out, mu, nu = adam_directions(grads, mu, nu, count, b1, b2, eps)
             if not (isinstance(weight_decay, float) and weight_decay == 0):
-                directions = decay_leaves(directions, param_leaves, weight_decay)
-            out = foreach("mul", directions, neg_lr)
+                decay_leaves(out, param_leaves, weight_decay, in_place=True)
+            foreach("mul_", out, neg_lr)
             if apply:
-                out = foreach("add", param_leaves, out)
+                foreach("add_", out, param_leaves)
         adam = ScaleByAdamState(count, tree_unflatten(structure, mu), tree_unflatten(structure, nu))
         return tree_unflatten(structure, out), (*clip_state, adam, decay_state, lr_state)
 

@@ -133,11 +133,17 @@ def add_decayed_weights(
     return GradientTransformation(lambda params: EmptyState(), update)
 
 
-def decay_leaves(leaves: list[Tensor], params: list[Tensor], weight_decay: float | Tensor) -> list[Tensor]:
-    """leaves + weight_decay * params, list by list."""
+def decay_leaves(
+    leaves: list[Tensor], params: list[Tensor], weight_decay: float | Tensor, *, in_place: bool = False
+) -> list[Tensor]:
+    """leaves + weight_decay * params, list by list; with in_place, written into `leaves`, which
+    must be the caller's own."""
+    add = "add_" if in_place else "add"
     if isinstance(weight_decay, Tensor):  # foreach alphas are Python numbers; tensor scalars multiply
-        return foreach("add", leaves, foreach("mul", params, weight_decay))
-    return foreach("add", leaves, params, alpha=weight_decay)
+        result = foreach(add, leaves, foreach("mul", params, weight_decay))
+    else:
+        result = foreach(add, leaves, params, alpha=weight_decay)
+    return leaves if in_place else result
 
 
 def _mask_leaves(structure, mask: PyTree) -> list:
