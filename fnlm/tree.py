@@ -43,6 +43,8 @@ __all__ = [
 
 def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """Apply `fn` leafwise over `tree` and trees of the same structure (matched by key, not position)."""
+    if not torch.compiler.is_compiling():
+        return optree.tree_map(fn, tree, *rest)
     leaves, structure = tree_flatten(tree)
     others = [leaves_like(structure, other) for other in rest]
     return tree_unflatten(structure, [fn(*xs) for xs in zip(leaves, *others)])

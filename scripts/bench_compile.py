@@ -147,7 +147,7 @@ def main() -> None:
     if args.out:
         merged = json.loads(args.out.read_text()) if args.out.exists() else {}
         merged[args.label] = run
-        write_json(args.out, merged, indent=2)
+        write_json(args.out, merged)
 
 
 if __name__ == "__main__":

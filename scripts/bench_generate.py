@@ -307,7 +307,7 @@ def write(path: Path | None, report: dict) -> None:
     for results in slim["results"].values():
         for r in results.values():
             r.pop("completions", None)
-    write_json(path, slim, indent=2)
+    write_json(path, slim)
 
 
 if __name__ == "__main__":

@@ -233,7 +233,7 @@ def main() -> None:
     }
     report(result)
     if args.out:
-        write_json(args.out, result, indent=2)
+        write_json(args.out, result)
 
 
 def make_batches(args, cfg: ModelConfig, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
