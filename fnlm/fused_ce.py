@@ -9,12 +9,13 @@ the chunk's logits, their log-sum-exp, and, when gradients are wanted, the gradi
 loss with respect to the chunk's logits (softmax - onehot) / N, turned at once into the chunk's
 share of dL/dx (N, D) and dL/dW (V, D); the logits chunk is then dropped. The gradient is thus
 computed in the forward pass (the loss is a scalar, so the backward only scales it by the
-incoming gradient): first-order only, which is all a training step needs.
+incoming gradient): first-order only, which is all a training step needs. On CUDA, without a
+soft cap, a chunk's loss and gradient come from one Triton kernel (fnlm.cross_entropy_kernel).
 
 The arithmetic follows the plain path: the matmuls in the compute dtype (autocast's when
 autocast is on, else the inputs'), the softmax and log-sum-exp in float32 at least; dL/dW is
 accumulated over chunks in float32 and both gradients are returned in the inputs' own dtype
-(float32 master weights get float32 gradients). Plain PyTorch, so it runs on every device; under
+(float32 master weights get float32 gradients). The plain path runs on every device; under
 torch.compile inductor fuses each chunk's elementwise work into the matmuls' neighbours.
 
 Shape legend: N rows (batch x sequence, flattened), D model dim, V vocabulary, C rows per chunk.
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from . import cross_entropy_kernel
 
 CHUNK_ELEMENTS = 2**28  # logits per chunk: 1 GiB as float32, whatever the vocabulary
 # The vocabulary is padded to a multiple of this with zero rows of the weight, so that every
@@ -63,9 +66,8 @@ def linear_cross_entropy(
     return _chunked_loss(weight, rows, labels, soft_cap, chunk_rows, compute_dtype, with_grads=False)[0]
 
 
-def _chunk_logits(w: Tensor, x: Tensor, soft_cap: float | None) -> tuple[Tensor, Tensor | None]:
-    """x (C, D) @ w.T in their dtype -> (logits (C, V) float32 at least, tanh of the capped logits or None)."""
-    logits = x @ w.T
+def _float_logits(logits: Tensor, soft_cap: float | None) -> tuple[Tensor, Tensor | None]:
+    """A chunk's logits (C, Vp) -> (float32 at least, soft-capped; tanh of the capped logits or None)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if soft_cap is None:
         return logits, None
@@ -92,14 +94,19 @@ def _chunked_loss(
     grad_rows, grad_w = [], None
     for start in range(0, num_rows, chunk_rows):
         xc, yc = x[start:start + chunk_rows].to(compute_dtype), targets[start:start + chunk_rows]
-        logits, squashed = _chunk_logits(w, xc, soft_cap)  # (C, Vp), a new tensor
-        chunk_loss, grad = _loss_and_grad(logits, yc, padding, num_rows, with_grad=with_grads)
-        total = total + chunk_loss
-        if not with_grads:
-            continue
-        if squashed is not None:  # d(c tanh(z / c))/dz = 1 - tanh^2
-            grad = grad * (1 - squashed.square())
-        grad = grad.to(compute_dtype)
+        logits = xc @ w.T  # (C, Vp)
+        if with_grads and soft_cap is None and cross_entropy_kernel.supports(logits):
+            losses, grad = cross_entropy_kernel.softmax_cross_entropy(logits, yc, vocab_size, 1 / num_rows)
+            total = total + losses.sum()
+        else:
+            logits, squashed = _float_logits(logits, soft_cap)  # a new tensor
+            chunk_loss, grad = _loss_and_grad(logits, yc, padding, num_rows, with_grad=with_grads)
+            total = total + chunk_loss
+            if not with_grads:
+                continue
+            if squashed is not None:  # d(c tanh(z / c))/dz = 1 - tanh^2
+                grad = grad * (1 - squashed.square())
+            grad = grad.to(compute_dtype)
         grad_rows.append((grad @ w).to(x.dtype))  # (C, D)
         chunk_grad_w = (grad.T @ xc).to(torch.promote_types(weight.dtype, torch.float32))  # (Vp, D)
         grad_w = chunk_grad_w if grad_w is None else grad_w + chunk_grad_w

@@ -1,0 +1,110 @@
+"""A chunk of logits' cross-entropy and its gradient as one Triton kernel, for CUDA.
+
+    losses, grad = softmax_cross_entropy(logits, targets, vocab_size, scale)
+
+for logits (C, Vp) in the LM head's compute dtype, of which the first vocab_size columns are
+the vocabulary (the rest padding), and targets (C,) is, row by row,
+
+    losses[r] = logsumexp(logits[r, :V]) - logits[r, targets[r]]             float32
+    grad[r]   = (softmax(logits[r, :V]) - onehot(targets[r])) * scale, 0 on the padding
+
+in the logits' dtype: what fnlm.fused_ce's plain path computes in float32 and then rounds.
+
+Why a kernel: inductor's fused form read each chunk three times (for the max, for the sum of
+exponentials, to write the gradient) at about 0.55 ms a 4096 x 50304 chunk on an H200, 4.4 ms
+of a GPT-2-small step, and its online-softmax form was slower still (docs/experiments.md).
+Here a program takes one row and reads it twice: once for a running max and sum per lane
+(merged at the end), once to write the gradient. `supports` says where it runs; elsewhere
+fnlm.fused_ce runs the plain path, which TRITON_INTERPRET=1 checks the kernel against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .flash_attention import INTERPRET, triton
+
+if triton is not None:
+    import triton.language as tl
+
+BLOCK, WARPS = 4096, 16  # columns a step, warps a program (a row)
+
+
+def supports(logits: Tensor) -> bool:
+    """Whether softmax_cross_entropy runs on this (C, Vp) chunk."""
+    return (
+        triton is not None
+        and (logits.is_cuda or INTERPRET)
+        and logits.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and logits.ndim == 2
+        and logits.stride(-1) == 1
+    )
+
+
+def softmax_cross_entropy(logits: Tensor, targets: Tensor, vocab_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    """(losses (C,) float32, grad (C, Vp) in logits' dtype), as the module docstring defines them."""
+    if not 0 < vocab_size <= logits.shape[-1]:
+        raise ValueError(f"vocab_size must be in 1..{logits.shape[-1]} (the logits' width), got {vocab_size}")
+    with torch.no_grad():  # the op has no autograd: fnlm.fused_ce's Function is its gradient
+        return torch.ops.fnlm.softmax_cross_entropy(logits, targets, vocab_size, scale)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _cross_entropy_kernel(LOGITS, TARGETS, LOSSES, GRAD, logits_stride, grad_stride, vocab_size, padded_vocab,
+                              scale, BLOCK: tl.constexpr):
+        """Row r = program_id(0): its loss and its gradient row. Base-2 units inside (exp2 is the
+        fast instruction): x2 = x log2 e, so softmax = exp2(x2 - lse2)."""
+        row = tl.program_id(0).to(tl.int64)
+        logits, cols = LOGITS + row * logits_stride, tl.arange(0, BLOCK)
+        log2e: tl.constexpr = 1.4426950408889634
+        # Pass 1: each lane's running max and sum of exp2(x2 - max). Lanes start at a finite
+        # floor, not -inf, so that a lane that sees only padding (-inf) never makes exp2(nan).
+        lane_max = tl.full([BLOCK], -1e30, tl.float32)
+        lane_sum = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, vocab_size, BLOCK):
+            x2 = tl.load(logits + start + cols, mask=start + cols < vocab_size, other=float("-inf")).to(tl.float32) * log2e
+            new_max = tl.maximum(lane_max, x2)
+            lane_sum = lane_sum * tl.math.exp2(lane_max - new_max) + tl.math.exp2(x2 - new_max)
+            lane_max = new_max
+        row_max = tl.max(lane_max, 0)
+        lse2 = row_max + tl.math.log2(tl.sum(lane_sum * tl.math.exp2(lane_max - row_max), 0))
+        target = tl.load(TARGETS + row)
+        target_x2 = tl.load(logits + target).to(tl.float32) * log2e
+        tl.store(LOSSES + row, (lse2 - target_x2) * 0.6931471805599453)  # back to natural log
+        # Pass 2: (softmax - onehot) * scale, and zeros on the padding (its logits read as -inf)
+        grad = GRAD + row * grad_stride
+        for start in range(0, padded_vocab, BLOCK):
+            x2 = tl.load(logits + start + cols, mask=start + cols < vocab_size, other=float("-inf")).to(tl.float32) * log2e
+            probs = tl.math.exp2(x2 - lse2)
+            probs = tl.where(start + cols == target, probs - 1.0, probs) * scale
+            tl.store(grad + start + cols, probs.to(GRAD.dtype.element_ty), mask=start + cols < padded_vocab)
+
+    # wrap_triton lets torch.compile trace the launch; interpreted kernels are launched as they are.
+    _launcher = (lambda kernel: kernel) if INTERPRET else torch.library.wrap_triton
+
+    @torch.library.triton_op("fnlm::softmax_cross_entropy", mutates_args=())
+    def _softmax_cross_entropy_op(logits: Tensor, targets: Tensor, vocab_size: int, scale: float) -> tuple[Tensor, Tensor]:
+        rows, padded_vocab = logits.shape
+        losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        if rows:
+            _launcher(_cross_entropy_kernel)[(rows,)](
+                logits, targets.contiguous(), losses, grad, logits.stride(0), grad.stride(0), vocab_size, padded_vocab,
+                scale, BLOCK=BLOCK, num_warps=WARPS,
+            )
+        return losses, grad
+
+    def _rows_vmap_rule(info, in_dims, logits, targets, vocab_size, scale):
+        """vmap (a sweep's stacked runs): their rows are just more rows."""
+        def fold(tensor, dim):
+            batched = tensor.movedim(dim, 0) if dim is not None else tensor.expand(info.batch_size, *tensor.shape)
+            return batched.flatten(0, 1)
+
+        losses, grad = torch.ops.fnlm.softmax_cross_entropy(
+            fold(logits, in_dims[0]), fold(targets, in_dims[1]), vocab_size, scale)
+        return (losses.unflatten(0, (info.batch_size, -1)), grad.unflatten(0, (info.batch_size, -1))), (0, 0)
+
+    torch.library.register_vmap("fnlm::softmax_cross_entropy", _rows_vmap_rule)

@@ -1,0 +1,102 @@
+"""The cross-entropy kernel against the float64 definition and fnlm.fused_ce's plain path: under
+Triton's CPU interpreter, and on CUDA.
+
+TRITON_INTERPRET must be set before the kernel is defined, so the interpreted check runs in a
+fresh process. The interpreter has no bfloat16: float16 and float32 there.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import subprocess_env
+
+triton = pytest.importorskip("triton")
+
+
+def check_kernel(device: str = "cpu", dtypes=(torch.float16, torch.float32)) -> None:
+    from fnlm import cross_entropy_kernel
+    from fnlm.fused_ce import linear_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    # widths under one block, over one (the loop), with padding columns; logits up to 1e4 apart
+    for rows, vocab, padded, spread in [(5, 67, 128, 3.0), (3, 5000, 5056, 3.0), (4, 300, 300, 1e3), (0, 10, 16, 1.0)]:
+        logits = torch.randn(rows, padded, generator=generator, dtype=torch.float64) * spread
+        targets = torch.randint(0, vocab, (rows,), generator=generator)
+        for dtype in dtypes:
+            rounded = logits.to(dtype)
+            exact = rounded.double()[:, :vocab]  # the kernel's own input, so that only its error counts
+            want_losses = exact.logsumexp(-1) - exact.gather(-1, targets[:, None])[:, 0]
+            want_grad = torch.zeros_like(logits)
+            want_grad[:, :vocab] = (exact.softmax(-1) - torch.nn.functional.one_hot(targets, vocab)) / 7
+            losses, grad = cross_entropy_kernel.softmax_cross_entropy(rounded.to(device), targets.to(device), vocab, 1 / 7)
+            assert losses.dtype == torch.float32 and grad.dtype == dtype
+            torch.testing.assert_close(losses.double().cpu(), want_losses, atol=1e-4, rtol=1e-5)
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # the gradient's own rounding
+            torch.testing.assert_close(grad.double().cpu(), want_grad, atol=tolerance / 7, rtol=tolerance)
+            assert (grad[:, vocab:] == 0).all()
+    with pytest.raises(ValueError, match="vocab_size must be in"):
+        cross_entropy_kernel.softmax_cross_entropy(torch.zeros(2, 8, device=device), torch.zeros(2, dtype=torch.long,
+                                                   device=device), 9, 1.0)
+
+    # under vmap (a sweep's stacked runs): the rows of every run
+    stacked = torch.randn(2, 3, 40, generator=generator).to(device)
+    stacked_targets = torch.randint(0, 33, (2, 3), generator=generator).to(device)
+    vmapped = torch.func.vmap(lambda l, t: cross_entropy_kernel.softmax_cross_entropy(l, t, 33, 0.5))(stacked, stacked_targets)
+    for i in range(2):
+        one = cross_entropy_kernel.softmax_cross_entropy(stacked[i], stacked_targets[i], 33, 0.5)
+        torch.testing.assert_close(vmapped[0][i], one[0])
+        torch.testing.assert_close(vmapped[1][i], one[1])
+
+    # through the LM head: half weights on the kernel path against float64 on the plain one
+    weight = torch.randn(250, 32, generator=generator, dtype=torch.float64) * 0.3
+    x = torch.randn(2, 9, 32, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 250, (2, 9), generator=generator)
+    loss_and_grads = torch.func.grad_and_value(linear_cross_entropy, argnums=(0, 1))
+    (gw, gx), loss = loss_and_grads(weight.to(dtypes[0]).to(device), x.to(dtypes[0]).to(device), labels.to(device),
+                                    chunk_rows=4)
+    (want_gw, want_gx), want_loss = loss_and_grads(weight, x, labels, chunk_rows=4)
+    torch.testing.assert_close(loss.double().cpu(), want_loss, atol=5e-3, rtol=1e-3)
+    torch.testing.assert_close(gw.double().cpu(), want_gw, atol=5e-4, rtol=1e-2)
+    torch.testing.assert_close(gx.double().cpu(), want_gx, atol=5e-4, rtol=1e-2)
+    print("cross-entropy kernel ok")
+
+
+@pytest.mark.skipif(
+    tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9),
+    reason="as tests/test_flash_attention.py: an older interpreter cannot run fnlm's kernels",
+)
+def test_the_kernel_matches_the_definition_under_the_interpreter():
+    result = subprocess.run(
+        [sys.executable, "-c", "from tests.test_cross_entropy_kernel import check_kernel; check_kernel()"],
+        env=subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cross-entropy kernel ok" in result.stdout
+
+
+def test_the_kernel_is_not_used_on_the_cpu():
+    from fnlm import cross_entropy_kernel
+
+    assert cross_entropy_kernel.supports(torch.zeros(2, 8)) == cross_entropy_kernel.INTERPRET
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_kernel_matches_the_definition_on_cuda():
+    check_kernel("cuda", dtypes=(torch.bfloat16, torch.float16, torch.float32))
+    # inside torch.compile, where the training step runs it
+    from fnlm.fused_ce import linear_cross_entropy
+
+    weight, x = torch.randn(1000, 64, device="cuda") * 0.1, torch.randn(300, 64, device="cuda")
+    labels = torch.randint(0, 1000, (300,), device="cuda")
+
+    def loss(weight, x):
+        with torch.autocast("cuda", torch.bfloat16):
+            return linear_cross_entropy(weight, x, labels, chunk_rows=128)
+
+    want = torch.func.grad_and_value(loss, argnums=(0, 1))(weight, x)
+    got = torch.compile(torch.func.grad_and_value(loss, argnums=(0, 1)), fullgraph=True)(weight, x)
+    for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        torch.testing.assert_close(g, w, atol=1e-3, rtol=1e-3)
