@@ -34,7 +34,9 @@ def check_kernel(device: str = "cpu", dtypes=(torch.float16, torch.float32)) -> 
             losses, grad = cross_entropy_kernel.softmax_cross_entropy(rounded.to(device), targets.to(device), vocab, 1 / 7)
             assert losses.dtype == torch.float32 and grad.dtype == dtype
             torch.testing.assert_close(losses.double().cpu(), want_losses, atol=1e-4, rtol=1e-5)
-            tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # the gradient's own rounding
+            # the gradient's own rounding; in float32, that of x log2 e - lse at logits ~1e3 (CUDA's exp2
+            # then turns an ulp there, 6e-5, into a relative error of 4e-5)
+            tolerance = 2e-4 if dtype == torch.float32 else 1e-2
             torch.testing.assert_close(grad.double().cpu(), want_grad, atol=tolerance / 7, rtol=tolerance)
             assert (grad[:, vocab:] == 0).all()
     with pytest.raises(ValueError, match="vocab_size must be in"):
