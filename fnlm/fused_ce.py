@@ -28,11 +28,7 @@ from torch import Tensor
 
 from . import cross_entropy_kernel
 
-# Logits per chunk (512 MiB as float32, whatever the vocabulary), but at least MIN_CHUNK_ROWS
-# rows: each chunk adds its share of dL/dW into a (V, D) float32 sum, a read and a write of it
-# that at GPT-2-small's vocabulary cost more than halving the chunk saves of the peak.
-CHUNK_ELEMENTS = 2**27
-MIN_CHUNK_ROWS = 4096
+CHUNK_ELEMENTS = 2**28  # logits per chunk: 1 GiB as float32, whatever the vocabulary
 # The vocabulary is padded to a multiple of this with zero rows of the weight, so that every
 # matmul is aligned: at V = 50257 inductor would otherwise pad each chunk's gradient for its
 # dL/dW matmul by copying it (1.7 ms of a 71 ms step at GPT-2-small on an H200).
@@ -45,7 +41,7 @@ def linear_cross_entropy(
     """Mean cross-entropy of the logits x @ weight.T (soft-capped: c tanh(logits / c)) at targets.
 
     weight (V, D), x (..., D), targets (...) integer -> 0-d, float32 at least. chunk_rows C
-    defaults to the largest power of two with C x V <= CHUNK_ELEMENTS, or MIN_CHUNK_ROWS if larger.
+    defaults to the largest power of two with C x V <= CHUNK_ELEMENTS.
     """
     if x.shape[:-1] != targets.shape:
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal x's shape without its last dim "
@@ -56,7 +52,7 @@ def linear_cross_entropy(
         raise ValueError(f"soft_cap must be positive or None, got {soft_cap!r}")
     vocab_size = weight.shape[0]
     if chunk_rows is None:
-        chunk_rows = max(MIN_CHUNK_ROWS, 1 << max(0, (CHUNK_ELEMENTS // vocab_size).bit_length() - 1))
+        chunk_rows = 1 << max(0, (CHUNK_ELEMENTS // vocab_size).bit_length() - 1)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     device_type = x.device.type
