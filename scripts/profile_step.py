@@ -5,8 +5,8 @@ of scripts/bench_train.py, side by side, by kernel family, from torch.profiler.
 
 Families, by kernel name: matmul (cuBLAS/CUTLASS GEMMs), attention (fnlm's Triton kernels,
 SDPA's flash/cuDNN/memory-efficient ones), optimizer (torch's fused AdamW and multi-tensor
-kernels), fused pointwise (inductor's triton_* kernels: norms, RoPE, SwiGLU, cross-entropy,
-fnlm's update), and other. Milliseconds are per step (the mean over --steps profiled steps,
+kernels, fnlm's AdamW kernel), fused pointwise (inductor's triton_* kernels: norms, RoPE,
+SwiGLU; and fnlm's cross-entropy kernel), and other. Milliseconds are per step (the mean over --steps profiled steps,
 after --warmup steps that compile), beside each side's loss at the last profiled step.
 """
 
@@ -32,7 +32,7 @@ FAMILIES = [  # first match wins; lower-case substrings of kernel names
     ("attention", ("flash", "fmha", "cudnn", "attention", "_forward_kernel", "_backward_kernel", "efficient")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "norm_kernel")),
-    ("fused pointwise", ("triton_",)),
+    ("fused pointwise", ("triton_", "_cross_entropy_kernel")),
 ]
 
 
