@@ -63,6 +63,14 @@ def check_kernel(device: str = "cpu", dtypes=(torch.float16, torch.float32)) -> 
     torch.testing.assert_close(loss.double().cpu(), want_loss, atol=5e-3, rtol=1e-3)
     torch.testing.assert_close(gw.double().cpu(), want_gw, atol=5e-4, rtol=1e-2)
     torch.testing.assert_close(gx.double().cpu(), want_gx, atol=5e-4, rtol=1e-2)
+    # and vmapped over stacked runs' weights, as a sweep's training step
+    weights = torch.stack([weight, 2 * weight]).to(dtypes[0]).to(device)
+    half_x = x.to(dtypes[0]).to(device)
+    (gws, _), losses = torch.func.vmap(loss_and_grads, in_dims=(0, None, None))(weights, half_x, labels.to(device))
+    for i in range(2):
+        (gw, _), loss = loss_and_grads(weights[i], half_x, labels.to(device))
+        torch.testing.assert_close(losses[i], loss)
+        torch.testing.assert_close(gws[i], gw)
     print("cross-entropy kernel ok")
 
 
