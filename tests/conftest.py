@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     PYTHONPATH it had: packages may live there)."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def run_interpreted(module: str, check: str, printed: str) -> None:
+    """Run tests.<module>.<check>() in a fresh Python under Triton's CPU interpreter (which must
+    be set before fnlm defines its kernels) and assert that it passed and printed `printed`."""
+    call = f"from tests.{module} import {check}; {check}()"
+    result = subprocess.run([sys.executable, "-c", call], env=subprocess_env(TRITON_INTERPRET="1"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert printed in result.stdout
+
 
 def cli_error(argv: list[str], capsys) -> str:
     """The one-line error `fnlm` prints for argv (asserting exit code 1 and a single line)."""

@@ -6,13 +6,11 @@ fresh process.
 """
 
 import functools
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import subprocess_env
+from tests.conftest import run_interpreted
 
 triton = pytest.importorskip("triton")
 
@@ -70,12 +68,7 @@ def check_kernel(device: str = "cpu") -> None:
 
 
 def test_the_kernel_matches_the_chain_under_the_interpreter():
-    result = subprocess.run(
-        [sys.executable, "-c", "from tests.test_adamw_kernel import check_kernel; check_kernel()"],
-        env=subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "adamw kernel ok" in result.stdout
+    run_interpreted("test_adamw_kernel", "check_kernel", "adamw kernel ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -5,13 +5,10 @@ TRITON_INTERPRET must be set before the kernel is defined, so the interpreted ch
 fresh process. The interpreter has no bfloat16: float16 and float32 there.
 """
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import subprocess_env
+from tests.conftest import run_interpreted
 
 triton = pytest.importorskip("triton")
 
@@ -74,17 +71,8 @@ def check_kernel(device: str = "cpu", dtypes=(torch.float16, torch.float32)) -> 
     print("cross-entropy kernel ok")
 
 
-@pytest.mark.skipif(
-    tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9),
-    reason="as tests/test_flash_attention.py: an older interpreter cannot run fnlm's kernels",
-)
 def test_the_kernel_matches_the_definition_under_the_interpreter():
-    result = subprocess.run(
-        [sys.executable, "-c", "from tests.test_cross_entropy_kernel import check_kernel; check_kernel()"],
-        env=subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "cross-entropy kernel ok" in result.stdout
+    run_interpreted("test_cross_entropy_kernel", "check_kernel", "cross-entropy kernel ok")
 
 
 def test_the_kernel_is_not_used_on_the_cpu():

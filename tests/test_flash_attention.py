@@ -5,13 +5,10 @@ interpreter process. The interpreter has no bfloat16, hence float16 here; the GP
 (scripts/bench_train.py) compares bfloat16 training losses against the plain path.
 """
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import subprocess_env
+from tests.conftest import run_interpreted
 
 triton = pytest.importorskip("triton")
 
@@ -101,13 +98,7 @@ def check_kernels() -> None:
            "skip); the compiled kernels run there (checked on an H100 with torch 2.11 / Triton 3.6)",
 )
 def test_kernels_match_the_definition_under_the_interpreter():
-    env = subprocess_env(TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-c", "from tests.test_flash_attention import check_kernels; check_kernels()"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "flash attention kernels ok" in result.stdout
+    run_interpreted("test_flash_attention", "check_kernels", "flash attention kernels ok")
 
 
 def test_kernels_are_not_used_for_float32_or_on_the_cpu():
