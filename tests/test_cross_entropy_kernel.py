@@ -36,6 +36,10 @@ def check_kernel(device: str = "cpu", dtypes=(torch.float16, torch.float32)) -> 
             tolerance = 2e-4 if dtype == torch.float32 else 1e-2
             torch.testing.assert_close(grad.double().cpu(), want_grad, atol=tolerance / 7, rtol=tolerance)
             assert (grad[:, vocab:] == 0).all()
+    # a target outside the vocabulary: a NaN loss, not a read of another row
+    losses, grad = cross_entropy_kernel.softmax_cross_entropy(
+        torch.zeros(3, 8, device=device), torch.tensor([-1, 6, 2], device=device), 6, 1.0)
+    assert losses[:2].isnan().all() and losses[2].isfinite() and (grad[:2] >= 0).all()
     with pytest.raises(ValueError, match="vocab_size must be in"):
         cross_entropy_kernel.softmax_cross_entropy(torch.zeros(2, 8, device=device), torch.zeros(2, dtype=torch.long,
                                                    device=device), 9, 1.0)
