@@ -15,8 +15,9 @@ Why a kernel: inductor's fused form read each chunk three times (for the max, fo
 exponentials, to write the gradient) at about 0.55 ms a 4096 x 50304 chunk on an H200, 4.4 ms
 of a GPT-2-small step, and its online-softmax form was slower still (docs/experiments.md).
 Here a program takes one row and reads it twice: once for a running max and sum per lane
-(merged at the end), once to write the gradient: 0.34 ms for that chunk. `supports` says where it runs; elsewhere
-fnlm.fused_ce runs the plain path, which TRITON_INTERPRET=1 checks the kernel against.
+(merged at the end), once to write the gradient: 0.34 ms for that chunk. `supports` says
+where it runs; elsewhere fnlm.fused_ce runs the plain path, which TRITON_INTERPRET=1 checks the
+kernel against.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .flash_attention import INTERPRET, triton
+from .flash_attention import INTERPRET, launcher, triton
 
 if triton is not None:
     import triton.language as tl
@@ -54,19 +55,24 @@ def softmax_cross_entropy(logits: Tensor, targets: Tensor, vocab_size: int, scal
 if triton is not None:
 
     @triton.jit
+    def _scaled_logits(logits, columns, vocab_size):
+        """The row's logits at `columns` times log2 e, float32; -inf past the vocabulary."""
+        x = tl.load(logits + columns, mask=columns < vocab_size, other=float("-inf"))
+        return x.to(tl.float32) * 1.4426950408889634
+
+    @triton.jit
     def _cross_entropy_kernel(LOGITS, TARGETS, LOSSES, GRAD, logits_stride, grad_stride, vocab_size, padded_vocab,
                               scale, BLOCK: tl.constexpr):
         """Row r = program_id(0): its loss and its gradient row. Base-2 units inside (exp2 is the
         fast instruction): x2 = x log2 e, so softmax = exp2(x2 - lse2)."""
         row = tl.program_id(0).to(tl.int64)
         logits, cols = LOGITS + row * logits_stride, tl.arange(0, BLOCK)
-        log2e: tl.constexpr = 1.4426950408889634
         # Pass 1: each lane's running max and sum of exp2(x2 - max). Lanes start at a finite
         # floor, not -inf, so that a lane that sees only padding (-inf) never makes exp2(nan).
         lane_max = tl.full([BLOCK], -1e30, tl.float32)
         lane_sum = tl.zeros([BLOCK], tl.float32)
         for start in range(0, vocab_size, BLOCK):
-            x2 = tl.load(logits + start + cols, mask=start + cols < vocab_size, other=float("-inf")).to(tl.float32) * log2e
+            x2 = _scaled_logits(logits, start + cols, vocab_size)
             new_max = tl.maximum(lane_max, x2)
             lane_sum = lane_sum * tl.math.exp2(lane_max - new_max) + tl.math.exp2(x2 - new_max)
             lane_max = new_max
@@ -74,18 +80,15 @@ if triton is not None:
         lse2 = row_max + tl.math.log2(tl.sum(lane_sum * tl.math.exp2(lane_max - row_max), 0))
         target = tl.load(TARGETS + row)
         target_x2 = tl.load(logits + target, mask=(target >= 0) & (target < vocab_size), other=float("nan"))
-        target_x2 = target_x2.to(tl.float32) * log2e
+        target_x2 = target_x2.to(tl.float32) * 1.4426950408889634
         tl.store(LOSSES + row, (lse2 - target_x2) * 0.6931471805599453)  # back to natural log
         # Pass 2: (softmax - onehot) * scale, and zeros on the padding (its logits read as -inf)
         grad = GRAD + row * grad_stride
         for start in range(0, padded_vocab, BLOCK):
-            x2 = tl.load(logits + start + cols, mask=start + cols < vocab_size, other=float("-inf")).to(tl.float32) * log2e
-            probs = tl.math.exp2(x2 - lse2)
-            probs = tl.where((start + cols == target) & (start + cols < vocab_size), probs - 1.0, probs) * scale
-            tl.store(grad + start + cols, probs.to(GRAD.dtype.element_ty), mask=start + cols < padded_vocab)
-
-    # wrap_triton lets torch.compile trace the launch; interpreted kernels are launched as they are.
-    _launcher = (lambda kernel: kernel) if INTERPRET else torch.library.wrap_triton
+            columns = start + cols
+            probs = tl.math.exp2(_scaled_logits(logits, columns, vocab_size) - lse2)
+            probs = tl.where((columns == target) & (columns < vocab_size), probs - 1.0, probs) * scale
+            tl.store(grad + columns, probs.to(GRAD.dtype.element_ty), mask=columns < padded_vocab)
 
     @torch.library.triton_op("fnlm::softmax_cross_entropy", mutates_args=())
     def _softmax_cross_entropy_op(logits: Tensor, targets: Tensor, vocab_size: int, scale: float) -> tuple[Tensor, Tensor]:
@@ -93,7 +96,7 @@ if triton is not None:
         losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         if rows:
-            _launcher(_cross_entropy_kernel)[(rows,)](
+            launcher(_cross_entropy_kernel)[(rows,)](
                 logits, targets.contiguous(), losses, grad, logits.stride(0), grad.stride(0), vocab_size, padded_vocab,
                 scale, BLOCK=BLOCK, num_warps=WARPS,
             )

@@ -34,6 +34,12 @@ except ImportError:  # Triton ships with CUDA builds of torch on Linux only
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def launcher(kernel):
+    """How fnlm's triton_ops launch a kernel: through wrap_triton, which lets torch.compile trace
+    the launch; interpreted kernels are launched as they are."""
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+
 # Tilings by head dim (up to 32, 64, 128). forward: (BLOCK_M queries, BLOCK_N keys, num_warps,
 # num_stages), BLOCK_M % BLOCK_N == 0. backward: (SMALL, BIG, num_warps, num_stages), BIG % SMALL
 # == 0: each program holds BIG keys (then BIG queries) and steps SMALL queries (keys) at a time.
@@ -314,13 +320,11 @@ if triton is not None:
             ROTARY=tables is not None, num_warps=warps, num_stages=stages,
         )
 
-    # wrap_triton lets torch.compile trace the launches; interpreted kernels are launched as they are.
-    _launcher = (lambda kernel: kernel) if INTERPRET else torch.library.wrap_triton
 
     @torch.library.triton_op("fnlm::causal_attention", mutates_args=())
     def _causal_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """(out (B, H, T, D), log-sum-exp (B, H, T) float32)."""
-        return _launch_forward(_launcher, q, k, v, scale)
+        return _launch_forward(launcher, q, k, v, scale)
 
     @torch.library.triton_op("fnlm::causal_attention_backward", mutates_args=())
     def _causal_attention_backward_op(
@@ -329,7 +333,7 @@ if triton is not None:
         """dq, dk, dv stacked: (B, 3, H, T, D)."""
         batch, heads, seq_len, head_dim = q.shape
         grads = torch.empty((batch, 3, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
-        _launch_backward(_launcher, q, k, v, out, lse, grad_out, scale, grads, grads.stride())
+        _launch_backward(launcher, q, k, v, out, lse, grad_out, scale, grads, grads.stride())
         return grads
 
     @torch.library.triton_op("fnlm::rotary_attention_backward", mutates_args=())
@@ -341,7 +345,7 @@ if triton is not None:
         batch, heads, seq_len, head_dim = q.shape
         qkv_grad = torch.empty((batch, seq_len, 3, heads, head_dim), dtype=q.dtype, device=q.device)
         strides = qkv_grad.permute(0, 2, 3, 1, 4).stride()  # of its (B, 3, H, T, D) view
-        _launch_backward(_launcher, q, k, v, out, lse, grad_out, scale, qkv_grad, strides, (cos, sin))
+        _launch_backward(launcher, q, k, v, out, lse, grad_out, scale, qkv_grad, strides, (cos, sin))
         return qkv_grad
 
     class _CausalAttention(torch.autograd.Function):
