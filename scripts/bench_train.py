@@ -11,8 +11,11 @@ small for the CPU. Beside tokens/s: the model FLOP utilisation (MFU), 6 x matmul
 12 L T d attention FLOPs per token (PaLM's count, which includes the masked half of causal
 attention) against the device's dense bf16 peak (989 TFLOP/s on an H100/H200 SXM; --peak-tflops
 elsewhere), each side's peak GPU memory (the most its steps allocated, other variants' resident
-state excluded), and each side's warm-up (the first --warmup steps: compilation included, from
-empty compile caches).
+state excluded), and each side's warm-up: its first --warmup steps, compilation included, timed
+in a fresh process of this script from empty compile caches, after the compiler's one-time
+start-up. (Timed in this process, the side that compiles first pays that start-up, about 5 s on
+an H200, and the other reuses every kernel the two compiles share: `warmup_seconds_in_process`
+in the JSON.)
 
 fnlm:      params pytree -> torch.func.grad_and_value(loss) -> adamw (clip, Adam, decay, lr)
            -> the new params, all one pure function (compiled: the gradient torch.compile'd;
@@ -39,6 +42,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +99,7 @@ def parse_args() -> argparse.Namespace:
                         help="on CPU, keep freed memory in the heap (fnlm.run.process.keep_freed_memory), for both sides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--warmup-of", help=argparse.SUPPRESS)  # internal: time this variant's warm-up alone
     return parser.parse_args()
 
 
@@ -158,10 +163,20 @@ def main() -> None:
     params = init_params(cfg, seed=args.seed, device=device)  # float32 master weights for everyone
 
     compiled = {"none": [False], "compiled": [True], "both": [False, True]}[args.compile]
-    variants = {
-        f"{name} {'compiled' if c else 'eager'}": cls(cfg, params, amp, device, c, args.compile_mode)
-        for c in compiled for name, cls in (("fnlm", Fnlm), ("reference", Reference))
-    }
+    sides = {f"{name} {'compiled' if c else 'eager'}": (cls, c)
+             for c in compiled for name, cls in (("fnlm", Fnlm), ("reference", Reference))}
+    if args.warmup_of:  # a child process of fresh_warmup_seconds
+        start_compiler(device)
+        cls, c = sides[args.warmup_of]
+        variant = cls(cfg, params, amp, device, c, args.compile_mode)
+        start = time.perf_counter()
+        for i in range(args.warmup):
+            variant.step(*batches[i % len(batches)])
+        synchronize(device)
+        print(time.perf_counter() - start)
+        return
+    warmup_seconds = {name: fresh_warmup_seconds(name) for name in sides}
+    variants = {name: cls(cfg, params, amp, device, c, args.compile_mode) for name, (cls, c) in sides.items()}
     losses = {name: [] for name in variants}
     cursor = {name: 0 for name in variants}
     peak_bytes = {name: 0 for name in variants}
@@ -181,7 +196,7 @@ def main() -> None:
         peak_bytes[name] = max(peak_bytes[name], peak_memory(device) - resident + variant.resident_bytes())
         return seconds
 
-    compile_seconds = {name: run(name, args.warmup) for name in variants}
+    in_process_warmup_seconds = {name: run(name, args.warmup) for name in variants}
     seconds = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name in variants:
@@ -219,7 +234,9 @@ def main() -> None:
         "mfu": mfu,
         "peak_memory_gib": {name: b / 2**30 for name, b in peak_bytes.items()} if device.type == "cuda" else None,
         "warmup_steps": args.warmup,
-        "warmup_seconds": compile_seconds,
+        "warmup_seconds": warmup_seconds,
+        "warmup": "the first warmup_steps of each side in a fresh process, from empty caches, after the compiler's start-up",
+        "warmup_seconds_in_process": in_process_warmup_seconds,
         "final_loss": {name: curve[-1] for name, curve in loss_curves.items()},
         "loss_curves": loss_curves,
         "max_loss_gap_fnlm_eager_vs_compiled": max_gap(loss_curves, "fnlm eager", "fnlm compiled"),
@@ -234,6 +251,24 @@ def main() -> None:
     report(result)
     if args.out:
         write_json(args.out, result)
+
+
+def fresh_warmup_seconds(name: str) -> float:
+    """Variant `name`'s warm-up, timed in a fresh process of this script (same arguments): its
+    compile from empty caches, with no kernel of another variant's compile to reuse."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--warmup-of", name]
+    child = subprocess.run(command, capture_output=True, text=True)
+    if child.returncode:
+        raise RuntimeError(f"timing {name}'s warm-up failed:\n{child.stderr[-3000:]}")
+    return float(child.stdout.split()[-1])
+
+
+def start_compiler(device: torch.device) -> None:
+    """The compiler's and the device's one-time start-up (inductor's worker processes, Triton, the
+    first matmul), which neither side's warm-up should pay."""
+    ones = torch.ones(64, 64, device=device)
+    torch.compile(lambda x: (x @ x).sum())(ones)
+    synchronize(device)
 
 
 def make_batches(args, cfg: ModelConfig, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
