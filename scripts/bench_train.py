@@ -13,9 +13,8 @@ attention) against the device's dense bf16 peak (989 TFLOP/s on an H100/H200 SXM
 elsewhere), each side's peak GPU memory (the most its steps allocated, other variants' resident
 state excluded), and each side's warm-up: its first --warmup steps, compilation included, timed
 in a fresh process of this script from empty compile caches, after the compiler's one-time
-start-up. (Timed in this process, the side that compiles first pays that start-up, about 5 s on
-an H200, and the other reuses every kernel the two compiles share: `warmup_seconds_in_process`
-in the JSON.)
+start-up. (Timed in this process, the side that compiles first pays that start-up and the other
+reuses every kernel the two compiles share: `warmup_seconds_in_process` in the JSON.)
 
 fnlm:      params pytree -> torch.func.grad_and_value(loss) -> adamw (clip, Adam, decay, lr)
            -> the new params, all one pure function (compiled: the gradient torch.compile'd;
@@ -87,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (default: by name)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and variant")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compilation)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps per variant before the timed rounds (compilation): the warm-up")
     parser.add_argument("--compile", choices=["none", "compiled", "both"], default="none",
                         help="none: eager only; compiled: torch.compile'd only; both")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
@@ -166,9 +165,9 @@ def main() -> None:
     sides = {f"{name} {'compiled' if c else 'eager'}": (cls, c)
              for c in compiled for name, cls in (("fnlm", Fnlm), ("reference", Reference))}
     if args.warmup_of:  # a child process of fresh_warmup_seconds
+        cls, is_compiled = sides[args.warmup_of]
         start_compiler(device)
-        cls, c = sides[args.warmup_of]
-        variant = cls(cfg, params, amp, device, c, args.compile_mode)
+        variant = cls(cfg, params, amp, device, is_compiled, args.compile_mode)
         start = time.perf_counter()
         for i in range(args.warmup):
             variant.step(*batches[i % len(batches)])
