@@ -255,6 +255,7 @@ def main() -> None:
 def fresh_warmup_seconds(name: str) -> float:
     """Variant `name`'s warm-up, timed in a fresh process of this script (same arguments): its
     compile from empty caches, with no kernel of another variant's compile to reuse."""
+    print(f"  timing {name}'s warm-up in a fresh process ...", flush=True)
     command = [sys.executable, __file__, *sys.argv[1:], "--warmup-of", name]
     child = subprocess.run(command, capture_output=True, text=True)
     if child.returncode:
