@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .flash_attention import INTERPRET, launcher, triton
+from .flash_attention import INTERPRET, fold_vmap_rule, launcher, triton
 
 if triton is not None:
     import triton.language as tl
@@ -102,14 +102,5 @@ if triton is not None:
             )
         return losses, grad
 
-    def _rows_vmap_rule(info, in_dims, logits, targets, vocab_size, scale):
-        """vmap (a sweep's stacked runs): their rows are just more rows."""
-        def fold(tensor, dim):
-            batched = tensor.movedim(dim, 0) if dim is not None else tensor.expand(info.batch_size, *tensor.shape)
-            return batched.flatten(0, 1)
-
-        losses, grad = torch.ops.fnlm.softmax_cross_entropy(
-            fold(logits, in_dims[0]), fold(targets, in_dims[1]), vocab_size, scale)
-        return (losses.unflatten(0, (info.batch_size, -1)), grad.unflatten(0, (info.batch_size, -1))), (0, 0)
-
-    torch.library.register_vmap("fnlm::softmax_cross_entropy", _rows_vmap_rule)
+    # vmap (a sweep's stacked runs): their rows are just more rows
+    torch.library.register_vmap("fnlm::softmax_cross_entropy", fold_vmap_rule(torch.ops.fnlm.softmax_cross_entropy))

@@ -40,6 +40,31 @@ def launcher(kernel):
     the launch; interpreted kernels are launched as they are."""
     return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
+
+def fold_vmap_rule(op, unbatched: int = 0):
+    """A vmap rule for fnlm's kernel ops: fold the vmapped dim of every tensor argument but the last
+    `unbatched` (RoPE's tables, which must not be batched) into its leading dim (attention's B,
+    the cross-entropy's rows), run `op` once, unfold its outputs."""
+
+    def rule(info, in_dims, *args):
+        def fold(arg, dim):
+            if not isinstance(arg, Tensor):
+                return arg
+            batched = arg.movedim(dim, 0) if dim is not None else arg.expand(info.batch_size, *arg.shape)
+            return batched.flatten(0, 1)
+
+        tensors = [i for i, arg in enumerate(args) if isinstance(arg, Tensor)]
+        kept = set(tensors[len(tensors) - unbatched:])
+        if any(in_dims[i] is not None for i in kept):
+            raise ValueError("the rotary attention's cos and sin tables cannot be batched by vmap")
+        outputs = op(*(arg if i in kept else fold(arg, dim) for i, (arg, dim) in enumerate(zip(args, in_dims))))
+        if isinstance(outputs, Tensor):  # the backward ops' gradients
+            return outputs.unflatten(0, (info.batch_size, -1)), 0
+        return tuple(out.unflatten(0, (info.batch_size, -1)) for out in outputs), (0,) * len(outputs)
+
+    return rule
+
+
 # Tilings by head dim (up to 32, 64, 128). forward: (BLOCK_M queries, BLOCK_N keys, num_warps,
 # num_stages), BLOCK_M % BLOCK_N == 0. backward: (SMALL, BIG, num_warps, num_stages), BIG % SMALL
 # == 0: each program holds BIG keys (then BIG queries) and steps SMALL queries (keys) at a time.
@@ -410,30 +435,8 @@ if triton is not None:
     torch._dynamo.allow_in_graph(_CausalAttention)  # as fnlm.nn's Functions: compiled vmap needs it
     torch._dynamo.allow_in_graph(_RotaryCausalAttention)
 
-    def _fold_vmap_dim(op, unbatched: int = 0):
-        """A vmap rule: fold the vmapped dim of every tensor but the last `unbatched` (RoPE's
-        tables, which must not be batched) into its batch dim B, run, unfold."""
-
-        def rule(info, in_dims, *args):
-            def fold(arg, dim):
-                if not isinstance(arg, Tensor):
-                    return arg
-                batched = arg.movedim(dim, 0) if dim is not None else arg.expand(info.batch_size, *arg.shape)
-                return batched.flatten(0, 1)
-
-            tensors = [i for i, arg in enumerate(args) if isinstance(arg, Tensor)]
-            kept = set(tensors[len(tensors) - unbatched:])
-            if any(in_dims[i] is not None for i in kept):
-                raise ValueError("the rotary attention's cos and sin tables cannot be batched by vmap")
-            outputs = op(*(arg if i in kept else fold(arg, dim) for i, (arg, dim) in enumerate(zip(args, in_dims))))
-            if isinstance(outputs, Tensor):  # the backward ops' gradients
-                return outputs.unflatten(0, (info.batch_size, -1)), 0
-            return tuple(out.unflatten(0, (info.batch_size, -1)) for out in outputs), (0,) * len(outputs)
-
-        return rule
-
     for _name in ("causal_attention", "causal_attention_backward"):
-        torch.library.register_vmap(f"fnlm::{_name}", _fold_vmap_dim(getattr(torch.ops.fnlm, _name)))
+        torch.library.register_vmap(f"fnlm::{_name}", fold_vmap_rule(getattr(torch.ops.fnlm, _name)))
     torch.library.register_vmap(
-        "fnlm::rotary_attention_backward", _fold_vmap_dim(torch.ops.fnlm.rotary_attention_backward, unbatched=2)
+        "fnlm::rotary_attention_backward", fold_vmap_rule(torch.ops.fnlm.rotary_attention_backward, unbatched=2)
     )
