@@ -9,14 +9,21 @@ the chunk's logits, their log-sum-exp, and, when gradients are wanted, the gradi
 loss with respect to the chunk's logits (softmax - onehot) / N, turned at once into the chunk's
 share of dL/dx (N, D) and dL/dW (V, D); the logits chunk is then dropped. The gradient is thus
 computed in the forward pass (the loss is a scalar, so the backward only scales it by the
-incoming gradient): first-order only, which is all a training step needs. On CUDA, without a
-soft cap, a chunk's loss and gradient come from one Triton kernel (fnlm.cross_entropy_kernel).
+incoming gradient): first-order only, which is all a training step needs.
+
+On CUDA, without a soft cap, the chunk loop is one op (`fnlm::linear_cross_entropy`) that
+torch.compile does not trace into: a chunk's loss and gradient come from one Triton kernel
+(fnlm.cross_entropy_kernel) that overwrites the chunk's logits with their gradient, and the
+chunk's dL/dx and dL/dW are taken before the next chunk's logits, in one reused buffer. Traced,
+inductor scheduled every chunk's gradient before any of the matmuls that consume it, so all of
+them were alive at once at the step's peak (628 MiB at the TinyStories shape).
 
 The arithmetic follows the plain path: the matmuls in the compute dtype (autocast's when
 autocast is on, else the inputs'), the softmax and log-sum-exp in float32 at least; dL/dW is
-accumulated over chunks in float32 and both gradients are returned in the inputs' own dtype
-(float32 master weights get float32 gradients). The plain path runs on every device; under
-torch.compile inductor fuses each chunk's elementwise work into the matmuls' neighbours.
+accumulated over chunks in float32 (each chunk's share rounded to the compute dtype first) and
+both gradients are returned in the inputs' own dtype (float32 master weights get float32
+gradients). The plain path runs on every device; under torch.compile inductor fuses each
+chunk's elementwise work into the matmuls' neighbours.
 
 Shape legend: N rows (batch x sequence, flattened), D model dim, V vocabulary, C rows per chunk.
 """
@@ -66,6 +73,15 @@ def linear_cross_entropy(
     return _chunked_loss(weight, rows, labels, soft_cap, chunk_rows, compute_dtype, with_grads=False)[0]
 
 
+def _padded_weight(weight: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """weight (V, D) -> (Vp, D) in the compute dtype, zero rows appended up to VOCAB_MULTIPLE."""
+    w = weight.to(compute_dtype)
+    padded_vocab = -(-weight.shape[0] // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if padded_vocab == weight.shape[0]:
+        return w
+    return torch.cat([w, w.new_zeros(padded_vocab - weight.shape[0], weight.shape[1])])
+
+
 def _float_logits(logits: Tensor, soft_cap: float | None) -> tuple[Tensor, Tensor | None]:
     """A chunk's logits (C, Vp) -> (float32 at least, soft-capped; tanh of the capped logits or None)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -83,30 +99,25 @@ def _chunked_loss(
 
     In place only on tensors it made, so that torch.func.vmap can batch it (a sweep's stacked runs).
     """
-    num_rows, (vocab_size, dim) = x.shape[0], weight.shape
-    w = weight.to(compute_dtype)
-    padded_vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if with_grads and soft_cap is None and cross_entropy_kernel.supports(x.device, compute_dtype):
+        return torch.ops.fnlm.linear_cross_entropy(weight, x, targets, chunk_rows, compute_dtype)
+    num_rows, vocab_size = x.shape[0], weight.shape[0]
+    w = _padded_weight(weight, compute_dtype)
     padding = None
-    if padded_vocab != vocab_size:  # zero rows, whose logits are masked to -inf below
-        w = torch.cat([w, w.new_zeros(padded_vocab - vocab_size, dim)])
-        padding = torch.arange(padded_vocab, device=w.device) >= vocab_size  # (Vp,)
+    if w.shape[0] != vocab_size:  # zero rows, whose logits are masked to -inf below
+        padding = torch.arange(w.shape[0], device=w.device) >= vocab_size  # (Vp,)
     total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
     grad_rows, grad_w = [], None
     for start in range(0, num_rows, chunk_rows):
         xc, yc = x[start:start + chunk_rows].to(compute_dtype), targets[start:start + chunk_rows]
-        logits = xc @ w.T  # (C, Vp)
-        if with_grads and soft_cap is None and cross_entropy_kernel.supports(logits):
-            losses, grad = cross_entropy_kernel.softmax_cross_entropy(logits, yc, vocab_size, 1 / num_rows)
-            total = total + losses.sum()
-        else:
-            logits, squashed = _float_logits(logits, soft_cap)  # a new tensor
-            chunk_loss, grad = _loss_and_grad(logits, yc, padding, num_rows, with_grad=with_grads)
-            total = total + chunk_loss
-            if not with_grads:
-                continue
-            if squashed is not None:  # d(c tanh(z / c))/dz = 1 - tanh^2
-                grad = grad * (1 - squashed.square())
-            grad = grad.to(compute_dtype)
+        logits, squashed = _float_logits(xc @ w.T, soft_cap)  # (C, Vp), a new tensor
+        chunk_loss, grad = _loss_and_grad(logits, yc, padding, num_rows, with_grad=with_grads)
+        total = total + chunk_loss
+        if not with_grads:
+            continue
+        if squashed is not None:  # d(c tanh(z / c))/dz = 1 - tanh^2
+            grad = grad * (1 - squashed.square())
+        grad = grad.to(compute_dtype)
         grad_rows.append((grad @ w).to(x.dtype))  # (C, D)
         chunk_grad_w = (grad.T @ xc).to(torch.promote_types(weight.dtype, torch.float32))  # (Vp, D)
         grad_w = chunk_grad_w if grad_w is None else grad_w + chunk_grad_w
@@ -114,6 +125,46 @@ def _chunked_loss(
     if not with_grads:
         return loss, None, None
     return loss, torch.cat(grad_rows), grad_w[:vocab_size].to(weight.dtype)
+
+
+@torch.library.custom_op("fnlm::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(
+    weight: Tensor, x: Tensor, targets: Tensor, chunk_rows: int, compute_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """_chunked_loss with gradients and no soft cap, through the cross-entropy kernel: (mean loss,
+    dL/dx (N, D), dL/dW (V, D)). An op, so that torch.compile runs its chunks in this order: each
+    chunk's gradient is consumed before the next chunk's logits exist."""
+    num_rows, vocab_size = x.shape[0], weight.shape[0]
+    w = _padded_weight(weight, compute_dtype)  # (Vp, D)
+    buffer = x.new_empty(min(chunk_rows, num_rows), w.shape[0], dtype=compute_dtype)  # logits, then their gradient
+    losses = x.new_empty(num_rows, dtype=torch.float32)
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad_w = torch.zeros(w.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=w.device)
+    for start in range(0, num_rows, chunk_rows):
+        xc = x[start:start + chunk_rows].to(compute_dtype)  # (C, D)
+        grad = torch.mm(xc, w.T, out=buffer[:xc.shape[0]])  # (C, Vp): the logits, then (below) their gradient
+        losses[start:start + chunk_rows] = cross_entropy_kernel.softmax_cross_entropy_(
+            grad, targets[start:start + chunk_rows], vocab_size, 1 / num_rows)
+        grad_x[start:start + chunk_rows] = grad @ w
+        grad_w += grad.T @ xc
+    loss = losses.sum(dtype=torch.promote_types(x.dtype, torch.float32)) / num_rows
+    return loss, grad_x, grad_w[:vocab_size].to(weight.dtype)
+
+
+@_linear_cross_entropy_op.register_fake
+def _(weight, x, targets, chunk_rows, compute_dtype):
+    loss = x.new_empty((), dtype=torch.promote_types(x.dtype, torch.float32))
+    return loss, x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+@_linear_cross_entropy_op.register_vmap
+def _(info, in_dims, weight, x, targets, chunk_rows, compute_dtype):
+    """Stacked runs (a sweep's) each have their own weight: one op call per run."""
+    def run(i):
+        return _linear_cross_entropy_op(*(t if d is None else t.select(d, i) for t, d in zip((weight, x, targets), in_dims)),
+                              chunk_rows, compute_dtype)
+
+    return tuple(map(torch.stack, zip(*map(run, range(info.batch_size))))), (0, 0, 0)
 
 
 def _loss_and_grad(

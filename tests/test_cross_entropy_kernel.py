@@ -28,7 +28,8 @@ def check_kernel(device: str = "cpu", dtypes=(torch.float16, torch.float32)) -> 
             want_losses = exact.logsumexp(-1) - exact.gather(-1, targets[:, None])[:, 0]
             want_grad = torch.zeros_like(logits)
             want_grad[:, :vocab] = (exact.softmax(-1) - torch.nn.functional.one_hot(targets, vocab)) / 7
-            losses, grad = cross_entropy_kernel.softmax_cross_entropy(rounded.to(device), targets.to(device), vocab, 1 / 7)
+            grad = rounded.to(device)
+            losses = cross_entropy_kernel.softmax_cross_entropy_(grad, targets.to(device), vocab, 1 / 7)
             assert losses.dtype == torch.float32 and grad.dtype == dtype
             torch.testing.assert_close(losses.double().cpu(), want_losses, atol=1e-4, rtol=1e-5)
             # the gradient's own rounding; in float32, that of x log2 e - lse at logits ~1e3 (CUDA's exp2
@@ -37,21 +38,14 @@ def check_kernel(device: str = "cpu", dtypes=(torch.float16, torch.float32)) -> 
             torch.testing.assert_close(grad.double().cpu(), want_grad, atol=tolerance / 7, rtol=tolerance)
             assert (grad[:, vocab:] == 0).all()
     # a target outside the vocabulary: a NaN loss, not a read of another row
-    losses, grad = cross_entropy_kernel.softmax_cross_entropy(
-        torch.zeros(3, 8, device=device), torch.tensor([-1, 6, 2], device=device), 6, 1.0)
+    grad = torch.zeros(3, 8, device=device)
+    losses = cross_entropy_kernel.softmax_cross_entropy_(grad, torch.tensor([-1, 6, 2], device=device), 6, 1.0)
     assert losses[:2].isnan().all() and losses[2].isfinite() and (grad[:2] >= 0).all()
+    labels = torch.zeros(2, dtype=torch.long, device=device)
     with pytest.raises(ValueError, match="vocab_size must be in"):
-        cross_entropy_kernel.softmax_cross_entropy(torch.zeros(2, 8, device=device), torch.zeros(2, dtype=torch.long,
-                                                   device=device), 9, 1.0)
-
-    # under vmap (a sweep's stacked runs): the rows of every run
-    stacked = torch.randn(2, 3, 40, generator=generator).to(device)
-    stacked_targets = torch.randint(0, 33, (2, 3), generator=generator).to(device)
-    vmapped = torch.func.vmap(lambda l, t: cross_entropy_kernel.softmax_cross_entropy(l, t, 33, 0.5))(stacked, stacked_targets)
-    for i in range(2):
-        one = cross_entropy_kernel.softmax_cross_entropy(stacked[i], stacked_targets[i], 33, 0.5)
-        torch.testing.assert_close(vmapped[0][i], one[0])
-        torch.testing.assert_close(vmapped[1][i], one[1])
+        cross_entropy_kernel.softmax_cross_entropy_(torch.zeros(2, 8, device=device), labels, 9, 1.0)
+    with pytest.raises(ValueError, match="row-contiguous"):
+        cross_entropy_kernel.softmax_cross_entropy_(torch.zeros(8, 2, device=device).T, labels, 8, 1.0)
 
     # through the LM head: half weights on the kernel path against float64 on the plain one
     weight = torch.randn(250, 32, generator=generator, dtype=torch.float64) * 0.3
@@ -72,6 +66,18 @@ def check_kernel(device: str = "cpu", dtypes=(torch.float16, torch.float32)) -> 
         (gw, _), loss = loss_and_grads(weights[i], half_x, labels.to(device))
         torch.testing.assert_close(losses[i], loss)
         torch.testing.assert_close(gws[i], gw)
+    # float32 master weights under half autocast get float32 gradients; compiled, the same values
+    # (torch.compile calls the op, whose fake says what it returns)
+    def autocast_loss(weight, x):
+        with torch.autocast(device, dtypes[0]):
+            return linear_cross_entropy(weight, x, labels.to(device), chunk_rows=4)
+
+    master = (weight.float().to(device), x.float().to(device))
+    (gw, gx), loss = torch.func.grad_and_value(autocast_loss, argnums=(0, 1))(*master)
+    assert gw.dtype == gx.dtype == loss.dtype == torch.float32
+    torch.testing.assert_close(gw.double().cpu(), want_gw, atol=5e-4, rtol=1e-2)
+    compiled = torch.compile(torch.func.grad_and_value(autocast_loss, argnums=(0, 1)), fullgraph=True)(*master)
+    torch.testing.assert_close(compiled, ((gw, gx), loss))
     print("cross-entropy kernel ok")
 
 
@@ -82,7 +88,7 @@ def test_the_kernel_matches_the_definition_under_the_interpreter():
 def test_the_kernel_is_not_used_on_the_cpu():
     from fnlm import cross_entropy_kernel
 
-    assert cross_entropy_kernel.supports(torch.zeros(2, 8)) == cross_entropy_kernel.INTERPRET
+    assert cross_entropy_kernel.supports(torch.device("cpu"), torch.float32) == cross_entropy_kernel.INTERPRET
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
