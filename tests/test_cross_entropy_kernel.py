@@ -73,11 +73,16 @@ def check_kernel(device: str = "cpu", dtypes=(torch.float16, torch.float32)) -> 
             return linear_cross_entropy(weight, x, labels.to(device), chunk_rows=4)
 
     master = (weight.float().to(device), x.float().to(device))
-    (gw, gx), loss = torch.func.grad_and_value(autocast_loss, argnums=(0, 1))(*master)
+    with torch.profiler.profile() as eager:
+        (gw, gx), loss = torch.func.grad_and_value(autocast_loss, argnums=(0, 1))(*master)
     assert gw.dtype == gx.dtype == loss.dtype == torch.float32
     torch.testing.assert_close(gw.double().cpu(), want_gw, atol=5e-4, rtol=1e-2)
-    compiled = torch.compile(torch.func.grad_and_value(autocast_loss, argnums=(0, 1)), fullgraph=True)(*master)
+    with torch.profiler.profile() as compiled_run:
+        compiled = torch.compile(torch.func.grad_and_value(autocast_loss, argnums=(0, 1)), fullgraph=True)(*master)
     torch.testing.assert_close(compiled, ((gw, gx), loss))
+    # both ran the chunks as the one op (which holds one chunk's gradient at a time), not traced
+    for profile in (eager, compiled_run):
+        assert "fnlm::linear_cross_entropy" in {event.key for event in profile.key_averages()}
     print("cross-entropy kernel ok")
 
 
