@@ -14,7 +14,8 @@ elsewhere), each side's peak GPU memory (the most its steps allocated, other var
 state excluded), and each side's warm-up: its first --warmup steps, compilation included, timed
 in a fresh process of this script from empty compile caches, after the compiler's one-time
 start-up. (Timed in this process, the side that compiles first pays that start-up and the other
-reuses every kernel the two compiles share: `warmup_seconds_in_process` in the JSON.)
+reuses every kernel the two compiles share: `warmup_seconds_in_process` in the JSON.) The JSON
+also keeps every round's seconds and the host's load average before and after the rounds.
 
 fnlm:      params pytree -> torch.func.grad_and_value(loss) -> adamw (clip, Adam, decay, lr)
            -> the new params, all one pure function (compiled: the gradient torch.compile'd;
@@ -197,9 +198,11 @@ def main() -> None:
 
     in_process_warmup_seconds = {name: run(name, args.warmup) for name in variants}
     seconds = {name: [] for name in variants}
+    load_before = host_load()
     for _ in range(args.rounds):
         for name in variants:
             seconds[name].append(run(name, args.steps))
+    load_after = host_load()
 
     tokens_per_step = args.batch_size * cfg.context_length
     tokens_per_s = {name: tokens_per_step * args.steps / statistics.median(ts) for name, ts in seconds.items()}
@@ -226,6 +229,9 @@ def main() -> None:
         "steps_per_round": args.steps,
         "rounds": args.rounds,
         "tokens_per_s": tokens_per_s,
+        "round_seconds": seconds,  # whether a slow median was one round or all of them
+        # a step whose host time nears its GPU time (TinyStories' on an H200) slows when other processes load the CPU
+        "host_load_average_1min": {"before_rounds": load_before, "after_rounds": load_after},
         "ratio_fnlm_over_reference": ratios,
         "flops_per_token": flops,
         "flops_formula": "6 x matmul parameters (blocks and LM head) + 12 x layers x context x d_model",
@@ -296,6 +302,11 @@ def flops_per_token(cfg: ModelConfig) -> int:
     return 3 * sum(forward_flops(cfg).values()) // cfg.context_length  # forward_flops is per sequence
 
 
+def host_load() -> float | None:
+    """The host's 1-minute load average, where the OS reports one."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def tree_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
@@ -313,6 +324,10 @@ def report(result: dict) -> None:
         memory = f"   peak {result['peak_memory_gib'][name]:5.1f} GiB" if result["peak_memory_gib"] else ""
         print(f"  {name:20s} {rate:12,.0f} tokens/s{mfu}   loss after {len(result['loss_curves'][name])} steps "
               f"{result['final_loss'][name]:.4f}   warm-up {result['warmup_seconds'][name]:.1f} s{memory}")
+    load = result["host_load_average_1min"]
+    if load["before_rounds"] is not None:
+        print(f"  host load average (1 min), before / after the timed rounds: {load['before_rounds']} / {load['after_rounds']}"
+              f" on {os.cpu_count()} CPUs")
     for mode, ratio in result["ratio_fnlm_over_reference"].items():
         gap, first = result["max_loss_gap_fnlm_vs_reference"][mode], result["first_step_loss_gap_fnlm_vs_reference"][mode]
         print(f"  {mode}: fnlm / reference = {ratio:.3f}x tokens/s   (loss gap: max {gap:.2e}, first step {first:.2e})")
