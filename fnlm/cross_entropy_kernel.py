@@ -25,6 +25,8 @@ trace into: so it needs no op or vmap rule of its own.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -54,11 +56,13 @@ def softmax_cross_entropy_(logits: Tensor, targets: Tensor, vocab_size: int, sca
         raise ValueError(f"logits must be a row-contiguous (C, Vp) matrix that `supports`, got {tuple(logits.shape)} "
                          f"{logits.dtype} on {logits.device}")
     losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    if logits.shape[0]:
-        _cross_entropy_kernel[(logits.shape[0],)](
-            logits, targets.contiguous(), losses, logits.stride(0), vocab_size, logits.shape[1], scale,
-            BLOCK=BLOCK, num_warps=WARPS,
-        )
+    # Triton launches on the current device, which need not be the logits' (cuda:1 while cuda:0 is current)
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        if logits.shape[0]:
+            _cross_entropy_kernel[(logits.shape[0],)](
+                logits, targets.contiguous(), losses, logits.stride(0), vocab_size, logits.shape[1], scale,
+                BLOCK=BLOCK, num_warps=WARPS,
+            )
     return losses
 
 
