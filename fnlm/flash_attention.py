@@ -35,16 +35,16 @@ except ImportError:  # Triton ships with CUDA builds of torch on Linux only
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def launcher(kernel):
-    """How fnlm's triton_ops launch a kernel: through wrap_triton, which lets torch.compile trace
-    the launch; interpreted kernels are launched as they are."""
+def _launcher(kernel):
+    """How the attention's triton_ops launch a kernel: through wrap_triton, which lets
+    torch.compile trace the launch; interpreted kernels are launched as they are."""
     return kernel if INTERPRET else torch.library.wrap_triton(kernel)
 
 
-def fold_vmap_rule(op, unbatched: int = 0):
-    """A vmap rule for fnlm's kernel ops: fold the vmapped dim of every tensor argument but the last
-    `unbatched` (RoPE's tables, which must not be batched) into its leading dim (attention's B,
-    the cross-entropy's rows), run `op` once, unfold its outputs."""
+def _fold_vmap_rule(op, unbatched: int = 0):
+    """A vmap rule for the attention's ops: fold the vmapped dim of every tensor argument but the
+    last `unbatched` (RoPE's tables, which must not be batched) into its batch dim B, run `op`
+    once, unfold its outputs."""
 
     def rule(info, in_dims, *args):
         def fold(arg, dim):
@@ -349,7 +349,7 @@ if triton is not None:
     @torch.library.triton_op("fnlm::causal_attention", mutates_args=())
     def _causal_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """(out (B, H, T, D), log-sum-exp (B, H, T) float32)."""
-        return _launch_forward(launcher, q, k, v, scale)
+        return _launch_forward(_launcher, q, k, v, scale)
 
     @torch.library.triton_op("fnlm::causal_attention_backward", mutates_args=())
     def _causal_attention_backward_op(
@@ -358,7 +358,7 @@ if triton is not None:
         """dq, dk, dv stacked: (B, 3, H, T, D)."""
         batch, heads, seq_len, head_dim = q.shape
         grads = torch.empty((batch, 3, heads, seq_len, head_dim), dtype=q.dtype, device=q.device)
-        _launch_backward(launcher, q, k, v, out, lse, grad_out, scale, grads, grads.stride())
+        _launch_backward(_launcher, q, k, v, out, lse, grad_out, scale, grads, grads.stride())
         return grads
 
     @torch.library.triton_op("fnlm::rotary_attention_backward", mutates_args=())
@@ -370,7 +370,7 @@ if triton is not None:
         batch, heads, seq_len, head_dim = q.shape
         qkv_grad = torch.empty((batch, seq_len, 3, heads, head_dim), dtype=q.dtype, device=q.device)
         strides = qkv_grad.permute(0, 2, 3, 1, 4).stride()  # of its (B, 3, H, T, D) view
-        _launch_backward(launcher, q, k, v, out, lse, grad_out, scale, qkv_grad, strides, (cos, sin))
+        _launch_backward(_launcher, q, k, v, out, lse, grad_out, scale, qkv_grad, strides, (cos, sin))
         return qkv_grad
 
     class _CausalAttention(torch.autograd.Function):
@@ -436,7 +436,7 @@ if triton is not None:
     torch._dynamo.allow_in_graph(_RotaryCausalAttention)
 
     for _name in ("causal_attention", "causal_attention_backward"):
-        torch.library.register_vmap(f"fnlm::{_name}", fold_vmap_rule(getattr(torch.ops.fnlm, _name)))
+        torch.library.register_vmap(f"fnlm::{_name}", _fold_vmap_rule(getattr(torch.ops.fnlm, _name)))
     torch.library.register_vmap(
-        "fnlm::rotary_attention_backward", fold_vmap_rule(torch.ops.fnlm.rotary_attention_backward, unbatched=2)
+        "fnlm::rotary_attention_backward", _fold_vmap_rule(torch.ops.fnlm.rotary_attention_backward, unbatched=2)
     )

@@ -161,8 +161,8 @@ def _(weight, x, targets, chunk_rows, compute_dtype):
 def _(info, in_dims, weight, x, targets, chunk_rows, compute_dtype):
     """Stacked runs (a sweep's) each have their own weight: one op call per run."""
     def run(i):
-        return _linear_cross_entropy_op(*(t if d is None else t.select(d, i) for t, d in zip((weight, x, targets), in_dims)),
-                              chunk_rows, compute_dtype)
+        tensors = (t if d is None else t.select(d, i) for t, d in zip((weight, x, targets), in_dims))
+        return _linear_cross_entropy_op(*tensors, chunk_rows, compute_dtype)
 
     return tuple(map(torch.stack, zip(*map(run, range(info.batch_size))))), (0, 0, 0)
 

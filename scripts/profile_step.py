@@ -6,8 +6,9 @@ of scripts/bench_train.py, side by side, by kernel family, from torch.profiler.
 Families, by kernel name: matmul (cuBLAS/CUTLASS GEMMs), attention (fnlm's Triton kernels,
 SDPA's flash/cuDNN/memory-efficient ones), optimizer (torch's fused AdamW and multi-tensor
 kernels, fnlm's AdamW kernel), fused pointwise (inductor's triton_* kernels: norms, RoPE,
-SwiGLU; and fnlm's cross-entropy kernel), and other. Milliseconds are per step (the mean over --steps profiled steps,
-after --warmup steps that compile), beside each side's loss at the last profiled step.
+SwiGLU; and fnlm's cross-entropy kernel), and other. Milliseconds are per step (the mean over
+--steps profiled steps, after --warmup steps that compile), beside each side's loss at the last
+profiled step.
 """
 
 from __future__ import annotations
