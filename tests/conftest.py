@@ -33,6 +33,14 @@ def run_interpreted(module: str, check: str, printed: str) -> None:
     assert printed in result.stdout
 
 
+def skip_before_interpreter_3_9(triton, loop_bound: str) -> pytest.MarkDecorator:
+    """Skip a run_interpreted test under Triton before 3.9, whose interpreter cannot bound a loop
+    by a runtime value (`loop_bound`, what the kernels' loops are bounded by). The compiled
+    kernels run there: their CUDA tests check them."""
+    old = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
+    return pytest.mark.skipif(old, reason=f"Triton's interpreter before 3.9 cannot bound a loop by {loop_bound}")
+
+
 def cli_error(argv: list[str], capsys) -> str:
     """The one-line error `fnlm` prints for argv (asserting exit code 1 and a single line)."""
     from fnlm.cli import main

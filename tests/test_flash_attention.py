@@ -8,7 +8,7 @@ interpreter process. The interpreter has no bfloat16, hence float16 here; the GP
 import pytest
 import torch
 
-from tests.conftest import run_interpreted
+from tests.conftest import run_interpreted, skip_before_interpreter_3_9
 
 triton = pytest.importorskip("triton")
 
@@ -92,11 +92,7 @@ def check_kernels() -> None:
     print("flash attention kernels ok")
 
 
-@pytest.mark.skipif(
-    tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9),
-    reason="Triton's interpreter before 3.9 cannot bound a loop by the program id (the kernels' causal "
-           "skip); the compiled kernels run there (checked on an H100 with torch 2.11 / Triton 3.6)",
-)
+@skip_before_interpreter_3_9(triton, "the program id (the kernels' causal skip)")
 def test_kernels_match_the_definition_under_the_interpreter():
     run_interpreted("test_flash_attention", "check_kernels", "flash attention kernels ok")
 
