@@ -20,9 +20,9 @@ them were alive at once at the step's peak (628 MiB at the TinyStories shape).
 
 The arithmetic follows the plain path: the matmuls in the compute dtype (autocast's when
 autocast is on, else the inputs'), the softmax and log-sum-exp in float32 at least; dL/dW is
-accumulated over chunks in float32 (each chunk's share rounded to the compute dtype first) and
-both gradients are returned in the inputs' own dtype (float32 master weights get float32
-gradients). The plain path runs on every device; under torch.compile inductor fuses each
+accumulated over chunks in float32 (each chunk's share rounded to the compute dtype first; in
+the CUDA op cuBLAS adds it in float32 unrounded) and both gradients are returned in the inputs'
+own dtype (float32 master weights get float32 gradients). The plain path runs on every device; under torch.compile inductor fuses each
 chunk's elementwise work into the matmuls' neighbours.
 
 Shape legend: N rows (batch x sequence, flattened), D model dim, V vocabulary, C rows per chunk.
@@ -145,10 +145,25 @@ def _linear_cross_entropy_op(
         grad = torch.mm(xc, w.T, out=buffer[:xc.shape[0]])  # (C, Vp): the logits, then (below) their gradient
         losses[start:start + chunk_rows] = cross_entropy_kernel.softmax_cross_entropy_(
             grad, targets[start:start + chunk_rows], vocab_size, 1 / num_rows)
-        grad_x[start:start + chunk_rows] = grad @ w
-        grad_w += grad.T @ xc
+        _matmul_into(grad_x[start:start + chunk_rows], grad, w)
+        _matmul_into(grad_w, grad.T, xc, accumulate=True)
     loss = losses.sum(dtype=torch.promote_types(x.dtype, torch.float32)) / num_rows
     return loss, grad_x, grad_w[:vocab_size].to(weight.dtype)
+
+
+def _matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) -> None:
+    """out = a @ b, or out += a @ b, with no product tensor where cuBLAS can write out itself:
+    in its own dtype, or half inputs into a float32 out on CUDA (out_dtype, torch >= 2.8)."""
+    if a.dtype == out.dtype or (a.is_cuda and out.dtype == torch.float32):
+        dtype = {} if a.dtype == out.dtype else {"out_dtype": out.dtype}
+        if accumulate:
+            torch.addmm(out, a, b, out=out, **dtype)
+        else:
+            torch.mm(a, b, out=out, **dtype)
+    elif accumulate:
+        out += a @ b
+    else:
+        out.copy_(a @ b)
 
 
 @_linear_cross_entropy_op.register_fake
