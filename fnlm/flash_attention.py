@@ -76,6 +76,9 @@ TUNING = {
 }
 
 
+ROTATE_ROWS = 32  # rows of q or k that a program of the rotation kernel rotates
+
+
 def tuning_key(head_dim: int) -> int:
     """The TUNING entry that serves head_dim: the smallest of 32, 64, 128 that holds it."""
     return next(size for size in (32, 64, 128) if head_dim <= size)
@@ -228,12 +231,35 @@ if triton is not None:
         return dq + tl.dot(dscores.to(k.dtype), k)
 
     @triton.jit
+    def _swap_pairs(x, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """x (ROWS, D) with each pair (x[2i], x[2i+1]) exchanged, in registers."""
+        even, odd = tl.split(tl.reshape(x, (ROWS, HEAD_DIM // 2, 2)))
+        return tl.reshape(tl.join(odd, even), (ROWS, HEAD_DIM))
+
+    @triton.jit
     def _unrotate(grad, cos, sin, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
         """The gradient (ROWS, D) of fnlm.nn.rotate_pairs' output -> that of its input: the
         transpose of x cos + swap(x) sin is g cos + swap(g sin), swap exchanging each pair."""
-        pairs = tl.reshape(grad * sin, (ROWS, HEAD_DIM // 2, 2))
-        even, odd = tl.split(pairs)
-        return grad * cos + tl.reshape(tl.join(odd, even), (ROWS, HEAD_DIM))
+        return grad * cos + _swap_pairs(grad * sin, ROWS, HEAD_DIM)
+
+    @triton.jit
+    def _rotate_kernel(QKV, COS, SIN, OUT, qkv_stride_b, qkv_stride_t, qkv_stride_part, qkv_stride_h,
+                       num_heads, seq_len, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+        """ROWS rows of head (b, h) of q (part 0) or k (part 1) of QKV (B, T, 3, H, D), rotated
+        as fnlm.nn.rotate_pairs by COS, SIN (T, D) float32, into OUT (B, 2, H, T, D) contiguous."""
+        block, bh, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, h = bh // num_heads, bh % num_heads
+        rows = block * ROWS + tl.arange(0, ROWS)
+        dims = tl.arange(0, HEAD_DIM)
+        in_sequence = (rows < seq_len)[:, None]
+        x = tl.load(QKV + b * qkv_stride_b + part * qkv_stride_part + h * qkv_stride_h
+                    + rows[:, None] * qkv_stride_t + dims[None, :], mask=in_sequence, other=0.0).to(tl.float32)
+        table = rows[:, None] * HEAD_DIM + dims[None, :]
+        cos = tl.load(COS + table, mask=in_sequence, other=0.0)
+        sin = tl.load(SIN + table, mask=in_sequence, other=0.0)
+        rotated = x * cos + _swap_pairs(x, ROWS, HEAD_DIM) * sin
+        head = (b * 2 + part) * num_heads + h
+        tl.store(OUT + head * seq_len * HEAD_DIM + table, rotated.to(OUT.dtype.element_ty), mask=in_sequence)
 
     @triton.jit
     def _backward_kernel(
@@ -346,6 +372,21 @@ if triton is not None:
         )
 
 
+    @torch.library.triton_op("fnlm::rotate_qk", mutates_args=())
+    def _rotate_qk_op(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """q and k of the projection qkv (B, T, 3, H, D), rotated by cos, sin (T, D) float32:
+        (B, 2, H, T, D). One read and one write of each, where inductor's rotation of the views
+        took twice as long (its swap of each pair is a gather)."""
+        batch, seq_len, _, heads, head_dim = qkv.shape
+        if qkv.stride(-1) != 1:
+            raise ValueError(f"rotate_qk needs a contiguous last dim, got strides {qkv.stride()}")
+        out = torch.empty((batch, 2, heads, seq_len, head_dim), dtype=qkv.dtype, device=qkv.device)
+        rows = ROTATE_ROWS
+        _launcher(_rotate_kernel)[(triton.cdiv(seq_len, rows), batch * heads, 2)](
+            qkv, cos, sin, out, *(qkv.stride()[:4]), heads, seq_len, HEAD_DIM=head_dim, ROWS=rows,
+        )
+        return out
+
     @torch.library.triton_op("fnlm::causal_attention", mutates_args=())
     def _causal_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """(out (B, H, T, D), log-sum-exp (B, H, T) float32)."""
@@ -400,8 +441,8 @@ if triton is not None:
             return *grads.unbind(1), None
 
     class _RotaryCausalAttention(torch.autograd.Function):
-        """rotary_causal_attention's autograd: the rotation in PyTorch (inductor fuses it), the
-        attention by the op, the backward by the rotary backward op. Rotated q and k are saved
+        """rotary_causal_attention's autograd: the rotation by its op, the attention by the op,
+        the backward by the rotary backward op. Rotated q and k are saved
         (the backward reads them block after block) and so is the projection, whose v it reads;
         the two ways of saving less that were measured were slower (docs/experiments.md)."""
 
@@ -409,11 +450,9 @@ if triton is not None:
 
         @staticmethod
         def forward(qkv: Tensor, cos: Tensor, sin: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            from .nn import qkv_heads, rotate_pairs  # fnlm.nn imports this module
-
-            q, k, v = qkv_heads(qkv)  # (B, H, T, D) each
-            q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+            v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D), as fnlm.nn.qkv_heads
             with torch.no_grad():
+                q, k = torch.ops.fnlm.rotate_qk(qkv, cos.contiguous(), sin.contiguous()).unbind(1)
                 return *torch.ops.fnlm.causal_attention(q, k, v, scale), q, k
 
         @staticmethod
@@ -427,7 +466,7 @@ if triton is not None:
         @staticmethod
         def backward(ctx, grad_out: Tensor, *_grads_of_saved):
             qkv, cos, sin, out, lse, q, k = ctx.saved_tensors
-            v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D), as qkv_heads
+            v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D), as fnlm.nn.qkv_heads
             with torch.no_grad():
                 qkv_grad = torch.ops.fnlm.rotary_attention_backward(q, k, v, out, lse, grad_out, cos, sin, ctx.scale)
             return qkv_grad, None, None, None
@@ -435,6 +474,7 @@ if triton is not None:
     torch._dynamo.allow_in_graph(_CausalAttention)  # as fnlm.nn's Functions: compiled vmap needs it
     torch._dynamo.allow_in_graph(_RotaryCausalAttention)
 
+    torch.library.register_vmap("fnlm::rotate_qk", _fold_vmap_rule(torch.ops.fnlm.rotate_qk, unbatched=2))
     for _name in ("causal_attention", "causal_attention_backward"):
         torch.library.register_vmap(f"fnlm::{_name}", _fold_vmap_rule(getattr(torch.ops.fnlm, _name)))
     torch.library.register_vmap(

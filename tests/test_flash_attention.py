@@ -75,6 +75,10 @@ def check_kernels() -> None:
     stacked = torch.stack([qkv.half(), 2 * qkv.half()])  # and under vmap, as a sweep
     grads = torch.func.vmap(torch.func.grad(lambda qkv: (fused(qkv) * grad_out).sum()))(stacked)
     torch.testing.assert_close(grads[0], got)
+    # its rotation op (T = 130: a partial last block) is rotate_pairs of q and k, (B, 2, H, T, D)
+    q, k, _ = qkv_heads(qkv.half())
+    torch.testing.assert_close(torch.ops.fnlm.rotate_qk(qkv.half(), cos, sin),
+                               torch.stack([rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)], 1))
 
     # the whole model in float16 takes the kernel path and matches float64 without it
     cfg = ModelConfig(vocab_size=50, context_length=24, d_model=64, num_layers=2, num_heads=2, d_ff=96)
