@@ -22,8 +22,8 @@ The arithmetic follows the plain path: the matmuls in the compute dtype (autocas
 autocast is on, else the inputs'), the softmax and log-sum-exp in float32 at least; dL/dW is
 accumulated over chunks in float32 (each chunk's share rounded to the compute dtype first; in
 the CUDA op cuBLAS adds it in float32 unrounded) and both gradients are returned in the inputs'
-own dtype (float32 master weights get float32 gradients). The plain path runs on every device;
-under torch.compile inductor fuses each chunk's elementwise work into the matmuls' neighbours.
+own dtype (float32 master weights get float32 gradients). The plain path runs on every device; under torch.compile inductor fuses each
+chunk's elementwise work into the matmuls' neighbours.
 
 Shape legend: N rows (batch x sequence, flattened), D model dim, V vocabulary, C rows per chunk.
 """
@@ -134,24 +134,21 @@ def _linear_cross_entropy_op(
     """_chunked_loss with gradients and no soft cap, through the cross-entropy kernel: (mean loss,
     dL/dx (N, D), dL/dW (V, D)). An op, so that torch.compile runs its chunks in this order: each
     chunk's gradient is consumed before the next chunk's logits exist."""
-    # Its dtypes are explicit; eager under half autocast, the caller's autocast reached the float32
-    # dL/dW sum, which then differed from the compiled op's by half-precision rounding.
-    with torch.autocast(x.device.type, enabled=False):
-        num_rows, vocab_size = x.shape[0], weight.shape[0]
-        w = _padded_weight(weight, compute_dtype)  # (Vp, D)
-        buffer = x.new_empty(min(chunk_rows, num_rows), w.shape[0], dtype=compute_dtype)  # logits, then their gradient
-        losses = x.new_empty(num_rows, dtype=torch.float32)
-        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-        grad_w = torch.zeros(w.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=w.device)
-        for start in range(0, num_rows, chunk_rows):
-            xc = x[start:start + chunk_rows].to(compute_dtype)  # (C, D)
-            grad = torch.mm(xc, w.T, out=buffer[:xc.shape[0]])  # (C, Vp): the logits, then (below) their gradient
-            losses[start:start + chunk_rows] = cross_entropy_kernel.softmax_cross_entropy_(
-                grad, targets[start:start + chunk_rows], vocab_size, 1 / num_rows)
-            _matmul_into(grad_x[start:start + chunk_rows], grad, w)
-            _matmul_into(grad_w, grad.T, xc, accumulate=True)
-        loss = losses.sum(dtype=torch.promote_types(x.dtype, torch.float32)) / num_rows
-        return loss, grad_x, grad_w[:vocab_size].to(weight.dtype)
+    num_rows, vocab_size = x.shape[0], weight.shape[0]
+    w = _padded_weight(weight, compute_dtype)  # (Vp, D)
+    buffer = x.new_empty(min(chunk_rows, num_rows), w.shape[0], dtype=compute_dtype)  # logits, then their gradient
+    losses = x.new_empty(num_rows, dtype=torch.float32)
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad_w = torch.zeros(w.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=w.device)
+    for start in range(0, num_rows, chunk_rows):
+        xc = x[start:start + chunk_rows].to(compute_dtype)  # (C, D)
+        grad = torch.mm(xc, w.T, out=buffer[:xc.shape[0]])  # (C, Vp): the logits, then (below) their gradient
+        losses[start:start + chunk_rows] = cross_entropy_kernel.softmax_cross_entropy_(
+            grad, targets[start:start + chunk_rows], vocab_size, 1 / num_rows)
+        _matmul_into(grad_x[start:start + chunk_rows], grad, w)
+        _matmul_into(grad_w, grad.T, xc, accumulate=True)
+    loss = losses.sum(dtype=torch.promote_types(x.dtype, torch.float32)) / num_rows
+    return loss, grad_x, grad_w[:vocab_size].to(weight.dtype)
 
 
 def _matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) -> None:
