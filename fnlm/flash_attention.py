@@ -9,11 +9,12 @@ backward uses to recompute the probabilities block by block.
 Shape legend: B batch, H heads, T sequence, D head dim (16..128, a power of two).
 q, k, v may be strided views (the last dim must be contiguous). The output is laid out as
 (B, T, H, D), which makes the concatenation of heads that follows a view. With RoPE,
-`rotary_causal_attention` takes the q/k/v projection (B, T, 3, H, D) and RoPE's tables, and its
-backward kernel returns that projection's gradient, dQ and dK rotated back.
+`rotary_causal_attention` takes the q/k/v projection (B, T, 3, H, D) and RoPE's tables: one
+kernel rotates q and k, and the backward kernel returns that projection's gradient, dQ and dK
+rotated back.
 
-The kernels are registered as torch.library ops (`fnlm::causal_attention`, its backward and the
-rotary backward) with vmap rules, and tied together by autograd.Functions, so torch.func.grad,
+The kernels are registered as torch.library ops (`fnlm::causal_attention`, its backward, the
+rotation and the rotary backward) with vmap rules, and tied together by autograd.Functions, so torch.func.grad,
 torch.func.vmap and torch.compile treat them like any aten op. Without Triton or a GPU,
 `supports` is False and fnlm uses the plain PyTorch path. Setting TRITON_INTERPRET=1 runs the
 kernels on the CPU (slowly), which is how the tests check them without a GPU.
