@@ -14,8 +14,8 @@ kernel rotates q and k, and the backward kernel returns that projection's gradie
 rotated back.
 
 The kernels are registered as torch.library ops (`fnlm::causal_attention`, its backward, the
-rotation and the rotary backward) with vmap rules, and tied together by autograd.Functions, so torch.func.grad,
-torch.func.vmap and torch.compile treat them like any aten op. Without Triton or a GPU,
+rotation and the rotary backward) with vmap rules, and tied together by autograd.Functions, so
+torch.func.grad, torch.func.vmap and torch.compile treat them like any aten op. Without Triton or a GPU,
 `supports` is False and fnlm uses the plain PyTorch path. Setting TRITON_INTERPRET=1 runs the
 kernels on the CPU (slowly), which is how the tests check them without a GPU.
 """
@@ -376,15 +376,14 @@ if triton is not None:
     @torch.library.triton_op("fnlm::rotate_qk", mutates_args=())
     def _rotate_qk_op(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """q and k of the projection qkv (B, T, 3, H, D), rotated by cos, sin (T, D) float32:
-        (B, 2, H, T, D). One read and one write of each, where inductor's rotation of the views
-        took twice as long (its swap of each pair is a gather)."""
+        (B, 2, H, T, D). One read and one write of each, the swap of each pair in registers
+        (inductor lowered it to a gather, and recomputed the rotation in the backward)."""
         batch, seq_len, _, heads, head_dim = qkv.shape
         if qkv.stride(-1) != 1:
             raise ValueError(f"rotate_qk needs a contiguous last dim, got strides {qkv.stride()}")
         out = torch.empty((batch, 2, heads, seq_len, head_dim), dtype=qkv.dtype, device=qkv.device)
-        rows = ROTATE_ROWS
-        _launcher(_rotate_kernel)[(triton.cdiv(seq_len, rows), batch * heads, 2)](
-            qkv, cos, sin, out, *(qkv.stride()[:4]), heads, seq_len, HEAD_DIM=head_dim, ROWS=rows,
+        _launcher(_rotate_kernel)[(triton.cdiv(seq_len, ROTATE_ROWS), batch * heads, 2)](
+            qkv, cos, sin, out, *qkv.stride()[:4], heads, seq_len, HEAD_DIM=head_dim, ROWS=ROTATE_ROWS,
         )
         return out
 

@@ -22,8 +22,8 @@ The arithmetic follows the plain path: the matmuls in the compute dtype (autocas
 autocast is on, else the inputs'), the softmax and log-sum-exp in float32 at least; dL/dW is
 accumulated over chunks in float32 (each chunk's share rounded to the compute dtype first; in
 the CUDA op cuBLAS adds it in float32 unrounded) and both gradients are returned in the inputs'
-own dtype (float32 master weights get float32 gradients). The plain path runs on every device; under torch.compile inductor fuses each
-chunk's elementwise work into the matmuls' neighbours.
+own dtype (float32 master weights get float32 gradients). The plain path runs on every device;
+under torch.compile inductor fuses each chunk's elementwise work into the matmuls' neighbours.
 
 Shape legend: N rows (batch x sequence, flattened), D model dim, V vocabulary, C rows per chunk.
 """
