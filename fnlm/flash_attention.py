@@ -15,9 +15,9 @@ rotated back.
 
 The kernels are registered as torch.library ops (`fnlm::causal_attention`, its backward, the
 rotation and the rotary backward) with vmap rules, and tied together by autograd.Functions, so
-torch.func.grad, torch.func.vmap and torch.compile treat them like any aten op. Without Triton or a GPU,
-`supports` is False and fnlm uses the plain PyTorch path. Setting TRITON_INTERPRET=1 runs the
-kernels on the CPU (slowly), which is how the tests check them without a GPU.
+torch.func.grad, torch.func.vmap and torch.compile treat them like any aten op. Without Triton or
+a GPU, `supports` is False and fnlm uses the plain PyTorch path. Setting TRITON_INTERPRET=1 runs
+the kernels on the CPU (slowly), which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations
@@ -440,20 +440,23 @@ if triton is not None:
                 grads = torch.ops.fnlm.causal_attention_backward(q, k, v, out, lse, grad_out, ctx.scale)
             return *grads.unbind(1), None
 
+    def _value_heads(qkv: Tensor) -> Tensor:
+        """The values of the projection qkv (B, T, 3, H, D): a (B, H, T, D) view, as fnlm.nn.qkv_heads."""
+        return qkv[:, :, 2].transpose(1, 2)
+
     class _RotaryCausalAttention(torch.autograd.Function):
-        """rotary_causal_attention's autograd: the rotation by its op, the attention by the op,
-        the backward by the rotary backward op. Rotated q and k are saved
-        (the backward reads them block after block) and so is the projection, whose v it reads;
-        the two ways of saving less that were measured were slower (docs/experiments.md)."""
+        """rotary_causal_attention's autograd: the rotation, the attention and the backward by
+        their ops. Rotated q and k are saved (the backward reads them block after block) and so
+        is the projection, whose v it reads; the two ways of saving less that were measured were
+        slower (docs/experiments.md)."""
 
         generate_vmap_rule = True
 
         @staticmethod
         def forward(qkv: Tensor, cos: Tensor, sin: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D), as fnlm.nn.qkv_heads
             with torch.no_grad():
                 q, k = torch.ops.fnlm.rotate_qk(qkv, cos.contiguous(), sin.contiguous()).unbind(1)
-                return *torch.ops.fnlm.causal_attention(q, k, v, scale), q, k
+                return *torch.ops.fnlm.causal_attention(q, k, _value_heads(qkv), scale), q, k
 
         @staticmethod
         def setup_context(ctx, inputs, output) -> None:
@@ -466,9 +469,9 @@ if triton is not None:
         @staticmethod
         def backward(ctx, grad_out: Tensor, *_grads_of_saved):
             qkv, cos, sin, out, lse, q, k = ctx.saved_tensors
-            v = qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D), as fnlm.nn.qkv_heads
             with torch.no_grad():
-                qkv_grad = torch.ops.fnlm.rotary_attention_backward(q, k, v, out, lse, grad_out, cos, sin, ctx.scale)
+                qkv_grad = torch.ops.fnlm.rotary_attention_backward(
+                    q, k, _value_heads(qkv), out, lse, grad_out, cos, sin, ctx.scale)
             return qkv_grad, None, None, None
 
     torch._dynamo.allow_in_graph(_CausalAttention)  # as fnlm.nn's Functions: compiled vmap needs it
