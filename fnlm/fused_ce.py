@@ -68,7 +68,10 @@ def linear_cross_entropy(
         else torch.promote_types(x.dtype, weight.dtype)
     )
     rows, labels = x.flatten(0, -2), targets.flatten()
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    # Traced, requires_grad is not to be trusted: torch 2.11's dynamo reads it as False on the inputs
+    # of a torch.func.grad it compiles, which sent them down the plain path (autograd through the
+    # chunks), so a compiled call with gradients enabled takes the Function whatever it reads.
+    if torch.is_grad_enabled() and (torch.compiler.is_compiling() or x.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(weight, rows, labels, soft_cap, chunk_rows, compute_dtype)[0]
     return _chunked_loss(weight, rows, labels, soft_cap, chunk_rows, compute_dtype, with_grads=False)[0]
 
