@@ -13,7 +13,8 @@ attention) against the device's dense bf16 peak (989 TFLOP/s on an H100/H200 SXM
 elsewhere), each side's peak GPU memory (the most its steps allocated, other variants' resident
 state excluded), and each side's warm-up: its first --warmup steps, compilation included, timed
 in a fresh process of this script from empty compile caches, after the compiler's one-time
-start-up. (Timed in this process, the side that compiles first pays that start-up and the other
+start-up; with --warmup-runs N, the median of N such processes per side, the sides alternating (a
+single run moves a side's warm-up by about a fifth). (Timed in this process, the side that compiles first pays that start-up and the other
 reuses every kernel the two compiles share: `warmup_seconds_in_process` in the JSON.) The JSON
 also keeps every round's seconds and the host's load average before and after the rounds.
 
@@ -88,6 +89,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and variant")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
     parser.add_argument("--warmup", type=int, default=3, help="steps per variant before the timed rounds (compilation): the warm-up")
+    parser.add_argument("--warmup-runs", type=int, default=1,
+                        help="fresh processes per side whose warm-ups' median is reported (sides alternating)")
     parser.add_argument("--compile", choices=["none", "compiled", "both"], default="none",
                         help="none: eager only; compiled: torch.compile'd only; both")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
@@ -100,7 +103,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--warmup-of", help=argparse.SUPPRESS)  # internal: time this variant's warm-up alone
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.warmup_runs < 1:
+        parser.error(f"--warmup-runs must be at least 1, got {args.warmup_runs}")
+    return args
 
 
 class Fnlm:
@@ -175,7 +181,11 @@ def main() -> None:
         synchronize(device)
         print(time.perf_counter() - start)
         return
-    warmup_seconds = {name: fresh_warmup_seconds(name) for name in sides}
+    warmup_runs = {name: [] for name in sides}
+    for _ in range(args.warmup_runs):
+        for name in sides:
+            warmup_runs[name].append(fresh_warmup_seconds(name))
+    warmup_seconds = {name: statistics.median(runs) for name, runs in warmup_runs.items()}
     variants = {name: cls(cfg, params, amp, device, c, args.compile_mode) for name, (cls, c) in sides.items()}
     losses = {name: [] for name in variants}
     cursor = {name: 0 for name in variants}
@@ -240,7 +250,9 @@ def main() -> None:
         "peak_memory_gib": {name: b / 2**30 for name, b in peak_bytes.items()} if device.type == "cuda" else None,
         "warmup_steps": args.warmup,
         "warmup_seconds": warmup_seconds,
-        "warmup": "the first warmup_steps of each side in a fresh process, from empty caches, after the compiler's start-up",
+        "warmup": "the first warmup_steps of each side in a fresh process, from empty caches, after the compiler's "
+                  "start-up: the median over warmup_seconds_runs",
+        "warmup_seconds_runs": warmup_runs,
         "warmup_seconds_in_process": in_process_warmup_seconds,
         "final_loss": {name: curve[-1] for name, curve in loss_curves.items()},
         "loss_curves": loss_curves,
