@@ -96,25 +96,34 @@ def rope(x: Tensor, token_positions: Tensor, theta: float) -> Tensor:
     return rotate_pairs(x, *rope_tables(token_positions, x.shape[-1], theta, x.dtype))
 
 
-def rope_tables(token_positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_tables(
+    token_positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype, *, opaque: bool = True
+) -> tuple[Tensor, Tensor]:
     """token_positions (..., T) -> cos, sin (..., T, Dh) for rotate_pairs, in dtype promoted to float32 at least.
 
     Each angle appears twice, once per member of its pair: cos = (c0, c0, c1, c1, ...) and
-    sin = (-s0, s0, -s1, s1, ...). Computed by an op that inductor cannot see into, so that a
-    compiled step reads this small table rather than evaluating cos and sin at every element
-    of q and k (a quarter of the pointwise time of a GPT-2-small step on an H200).
+    sin = (-s0, s0, -s1, s1, ...). opaque: computed by an op that inductor cannot see into, so
+    that a compiled step reads this small table rather than evaluating cos and sin at every
+    element of q and k (a quarter of the pointwise time of a GPT-2-small step on an H200). A
+    consumer that inductor cannot fuse into anyway (a Triton op) takes opaque=False: plain ops,
+    one small fused kernel in a compiled step, where the op's call cost ~0.4 ms of host time.
     """
     if head_dim % 2:
         raise ValueError(f"rope rotates pairs: the last dim of x must be even, got {head_dim}")
-    return torch.ops.fnlm.rope_tables(token_positions, head_dim, theta, torch.promote_types(dtype, torch.float32))
+    tables = torch.ops.fnlm.rope_tables if opaque else _rope_table_values
+    return tables(token_positions, head_dim, theta, torch.promote_types(dtype, torch.float32))
 
 
-@torch.library.custom_op("fnlm::rope_tables", mutates_args=())
-def _rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _rope_table_values(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim
     angles = positions.to(dtype).unsqueeze(-1) * theta**-exponents  # (..., T, Dh/2)
     cos, sin = angles.cos(), angles.sin()
     return torch.stack((cos, cos), -1).flatten(-2), torch.stack((-sin, sin), -1).flatten(-2)
+
+
+@torch.library.custom_op("fnlm::rope_tables", mutates_args=())
+def _rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return _rope_table_values(positions, head_dim, theta, dtype)
 
 
 @_rope_tables.register_fake
@@ -257,7 +266,7 @@ def multihead_self_attention(
     q, k, v = qkv_heads(qkv)
     if rope_theta is not None and "q_norm" not in params and token_positions.ndim == 1 and uses_kernels(q, attention):
         # One kernel rotates q and k back in the gradient and writes it as the projection's.
-        cos, sin = rope_tables(token_positions, q.shape[-1], rope_theta, q.dtype)  # (T, Dh)
+        cos, sin = rope_tables(token_positions, q.shape[-1], rope_theta, q.dtype, opaque=False)  # (T, Dh)
         return attention_output(params, flash_attention.rotary_causal_attention(qkv, cos, sin))
     q, k = normalized_rotated(params, q, k, token_positions, rope_theta)
     return attention_output(params, causal_attention(q, k, v, attention))
