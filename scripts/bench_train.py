@@ -13,10 +13,11 @@ attention) against the device's dense bf16 peak (989 TFLOP/s on an H100/H200 SXM
 elsewhere), each side's peak GPU memory (the most its steps allocated, other variants' resident
 state excluded), and each side's warm-up: its first --warmup steps, compilation included, timed
 in a fresh process of this script from empty compile caches, after the compiler's one-time
-start-up; with --warmup-runs N, the median of N such processes per side, the sides alternating (a
-single run moves a side's warm-up by about a fifth). (Timed in this process, the side that compiles first pays that start-up and the other
-reuses every kernel the two compiles share: `warmup_seconds_in_process` in the JSON.) The JSON
-also keeps every round's seconds and the host's load average before and after the rounds.
+start-up; with --warmup-runs N, the median of N such processes per side, the sides alternating
+(one process moves a side's warm-up by about a fifth). (Timed in this process, the side that
+compiles first pays that start-up and the other reuses every kernel the two compiles share:
+`warmup_seconds_in_process` in the JSON.) The JSON also keeps every round's seconds and the
+host's load average before and after the rounds.
 
 fnlm:      params pytree -> torch.func.grad_and_value(loss) -> adamw (clip, Adam, decay, lr)
            -> the new params, all one pure function (compiled: the gradient torch.compile'd;
