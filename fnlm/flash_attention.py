@@ -383,7 +383,8 @@ if triton is not None:
             raise ValueError(f"rotate_qk needs a contiguous last dim, got strides {qkv.stride()}")
         out = torch.empty((batch, 2, heads, seq_len, head_dim), dtype=qkv.dtype, device=qkv.device)
         _launcher(_rotate_kernel)[(triton.cdiv(seq_len, ROTATE_ROWS), batch * heads, 2)](
-            qkv, cos, sin, out, *qkv.stride()[:4], heads, seq_len, HEAD_DIM=head_dim, ROWS=ROTATE_ROWS,
+            qkv, cos.contiguous(), sin.contiguous(), out, *qkv.stride()[:4], heads, seq_len,  # the tables as (T, D)
+            HEAD_DIM=head_dim, ROWS=ROTATE_ROWS,
         )
         return out
 
@@ -455,7 +456,7 @@ if triton is not None:
         @staticmethod
         def forward(qkv: Tensor, cos: Tensor, sin: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             with torch.no_grad():
-                q, k = torch.ops.fnlm.rotate_qk(qkv, cos.contiguous(), sin.contiguous()).unbind(1)
+                q, k = torch.ops.fnlm.rotate_qk(qkv, cos, sin).unbind(1)
                 return *torch.ops.fnlm.causal_attention(q, k, _value_heads(qkv), scale), q, k
 
         @staticmethod
