@@ -123,28 +123,39 @@ def rotary_causal_attention(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 if triton is not None:
 
     @triton.jit
-    def _load_rows(ptr, b, h, stride_b, stride_h, stride_t, rows, dims, seq_len):
-        """The (len(rows), D) tile of head (b, h) of a (B, H, T, D) tensor; rows past T read as 0."""
-        return tl.load(ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + dims[None, :],
-                       mask=(rows < seq_len)[:, None], other=0.0)
+    def _load_rows(ptr, b, h, stride_b, stride_h, stride_t, rows, dims, seq_len, EVEN: tl.constexpr):
+        """The (len(rows), D) tile of head (b, h) of a (B, H, T, D) tensor; rows past T read as 0.
+        EVEN: T is a multiple of the kernel's blocks, so every row is inside and the load is unmasked."""
+        pointers = ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + dims[None, :]
+        if EVEN:
+            tile = tl.load(pointers)
+        else:
+            tile = tl.load(pointers, mask=(rows < seq_len)[:, None], other=0.0)
+        return tile
 
     @triton.jit
-    def _visible(rows, cols, seq_len):
-        """Where query `rows` may attend key `cols` (broadcastable index tiles): causal, and both
-        inside the sequence."""
-        return (rows >= cols) & (rows < seq_len) & (cols < seq_len)
+    def _visible(rows, cols, seq_len, EVEN: tl.constexpr):
+        """Where query `rows` may attend key `cols` (broadcastable index tiles): causal, and (unless
+        EVEN) both inside the sequence."""
+        visible = rows >= cols
+        if not EVEN:
+            visible = visible & (rows < seq_len) & (cols < seq_len)
+        return visible
 
     @triton.jit
     def _forward_block(q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
                        rows, dims, seq_len, start_n, row_max, row_sum, acc, log2_scale,
-                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN: tl.constexpr):
         """One online-softmax step over keys start_n .. start_n + BLOCK_N: (row_max, row_sum, acc)."""
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (N, D)
-        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
+        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len, EVEN)  # (N, D)
+        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len, EVEN)
         scores = tl.dot(q, tl.trans(k)) * log2_scale  # (M, N), base-2 units
         if MASKED:
-            scores = tl.where((rows[:, None] >= cols[None, :]) & (cols < seq_len)[None, :], scores, float("-inf"))
+            visible = rows[:, None] >= cols[None, :]
+            if not EVEN:  # keys past T are masked; rows past T are never stored
+                visible = visible & (cols < seq_len)[None, :]
+            scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         probs = tl.math.exp2(scores - new_max[:, None])
         rescale = tl.math.exp2(row_max - new_max)
@@ -170,7 +181,7 @@ if triton is not None:
         b, h = bh // num_heads, bh % num_heads
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
-        q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)  # (M, D)
+        q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len, EVEN)  # (M, D)
         log2_scale = SCALE * 1.4426950408889634  # exp(x) = exp2(x log2 e): exp2 is the fast instruction
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -181,11 +192,11 @@ if triton is not None:
         for start_n in range(0, unmasked_end, BLOCK_N):
             row_max, row_sum, acc = _forward_block(
                 q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
-                rows, dims, seq_len, start_n, row_max, row_sum, acc, log2_scale, BLOCK_N, False)
+                rows, dims, seq_len, start_n, row_max, row_sum, acc, log2_scale, BLOCK_N, False, EVEN)
         for start_n in range(unmasked_end, tl.minimum((block_m + 1) * BLOCK_M, seq_len), BLOCK_N):
             row_max, row_sum, acc = _forward_block(
                 q, K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
-                rows, dims, seq_len, start_n, row_max, row_sum, acc, log2_scale, BLOCK_N, True)
+                rows, dims, seq_len, start_n, row_max, row_sum, acc, log2_scale, BLOCK_N, True, EVEN)
         row_ok = rows < seq_len
         # O is (B, H, T, D) laid out as (B, T, H, D), so that the heads' concatenation is a view
         o_offsets = (b * seq_len + rows[:, None]) * num_heads * HEAD_DIM + h * HEAD_DIM + dims[None, :]
@@ -194,24 +205,28 @@ if triton is not None:
         tl.store(LSE + bh * seq_len + rows, (row_max + tl.math.log2(row_sum)) * 0.6931471805599453, mask=row_ok)
 
     @triton.jit
-    def _row_stats(LSE, DELTA, bh, rows, seq_len):
+    def _row_stats(LSE, DELTA, bh, rows, seq_len, EVEN: tl.constexpr):
         """The rows' log-sum-exp in base 2 (the backward's exp2 units) and their rowsum(dO * O)."""
-        lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0) * 1.4426950408889634
-        return lse, tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        if EVEN:
+            lse, delta = tl.load(LSE + bh * seq_len + rows), tl.load(DELTA + bh * seq_len + rows)
+        else:
+            lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+            delta = tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        return lse * 1.4426950408889634, delta
 
     @triton.jit
     def _backward_kv_step(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
                           do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len, start_m, dk, dv,
-                          log2_scale, SMALL: tl.constexpr, MASKED: tl.constexpr):
+                          log2_scale, SMALL: tl.constexpr, MASKED: tl.constexpr, EVEN: tl.constexpr):
         """dK, dV of a key block accumulated over the queries start_m .. start_m + SMALL, in the
         transposed layout (keys down, queries across) so that no product needs a transpose of P."""
         rows = start_m + tl.arange(0, SMALL)
-        q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)  # (S, D)
-        grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len)
-        lse, delta = _row_stats(LSE, DELTA, bh, rows, seq_len)
+        q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len, EVEN)  # (S, D)
+        grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len, EVEN)
+        lse, delta = _row_stats(LSE, DELTA, bh, rows, seq_len, EVEN)
         probs_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * log2_scale - lse[None, :])  # (BIG, S) = P^T
         if MASKED:
-            probs_t = tl.where(_visible(rows[None, :], cols[:, None], seq_len), probs_t, 0.0)
+            probs_t = tl.where(_visible(rows[None, :], cols[:, None], seq_len, EVEN), probs_t, 0.0)
         dv += tl.dot(probs_t.to(grad_out.dtype), grad_out)
         dscores_t = probs_t * (tl.dot(v, tl.trans(grad_out)) - delta[None, :])  # dS^T
         dk += tl.dot(dscores_t.to(q.dtype), q)
@@ -220,14 +235,14 @@ if triton is not None:
     @triton.jit
     def _backward_q_step(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h, v_stride_t,
                          q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
-                         log2_scale, SMALL: tl.constexpr, MASKED: tl.constexpr):
+                         log2_scale, SMALL: tl.constexpr, MASKED: tl.constexpr, EVEN: tl.constexpr):
         """dQ of a query block accumulated over the keys start_n .. start_n + SMALL."""
         cols = start_n + tl.arange(0, SMALL)
-        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (S, D)
-        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
+        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len, EVEN)  # (S, D)
+        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len, EVEN)
         probs = tl.math.exp2(tl.dot(q, tl.trans(k)) * log2_scale - lse[:, None])  # (BIG, S)
         if MASKED:
-            probs = tl.where(_visible(rows[:, None], cols[None, :], seq_len), probs, 0.0)
+            probs = tl.where(_visible(rows[:, None], cols[None, :], seq_len, EVEN), probs, 0.0)
         dscores = probs * (tl.dot(grad_out, tl.trans(v)) - delta[:, None])
         return dq + tl.dot(dscores.to(k.dtype), k)
 
@@ -293,18 +308,18 @@ if triton is not None:
 
         # dK, dV of key block i
         cols = start + tl.arange(0, BIG)
-        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len)  # (BIG, D)
-        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len)
+        k = _load_rows(K, b, h, k_stride_b, k_stride_h, k_stride_t, cols, dims, seq_len, EVEN)  # (BIG, D)
+        v = _load_rows(V, b, h, v_stride_b, v_stride_h, v_stride_t, cols, dims, seq_len, EVEN)
         dk = tl.zeros([BIG, HEAD_DIM], tl.float32)
         dv = tl.zeros([BIG, HEAD_DIM], tl.float32)
         for start_m in range(start, tl.minimum(diagonal_end, seq_len), SMALL):
             dk, dv = _backward_kv_step(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
                                        do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len,
-                                       start_m, dk, dv, log2_scale, SMALL, True)
+                                       start_m, dk, dv, log2_scale, SMALL, True, EVEN)
         for start_m in range(diagonal_end, seq_len, SMALL):
             dk, dv = _backward_kv_step(Q, DO, LSE, DELTA, b, h, bh, q_stride_b, q_stride_h, q_stride_t,
                                        do_stride_b, do_stride_h, do_stride_t, k, v, cols, dims, seq_len,
-                                       start_m, dk, dv, log2_scale, SMALL, False)
+                                       start_m, dk, dv, log2_scale, SMALL, False, EVEN)
         offsets = b * grad_stride_b + h * grad_stride_h + cols[:, None] * grad_stride_t + dims[None, :]  # of dQ
         in_sequence = (cols < seq_len)[:, None]
         if ROTARY:
@@ -317,9 +332,9 @@ if triton is not None:
 
         # dQ of query block i: the same indices, as queries
         rows = cols
-        q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len)
-        grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len)
-        lse, delta = _row_stats(LSE, DELTA, bh, rows, seq_len)
+        q = _load_rows(Q, b, h, q_stride_b, q_stride_h, q_stride_t, rows, dims, seq_len, EVEN)
+        grad_out = _load_rows(DO, b, h, do_stride_b, do_stride_h, do_stride_t, rows, dims, seq_len, EVEN)
+        lse, delta = _row_stats(LSE, DELTA, bh, rows, seq_len, EVEN)
         dq = tl.zeros([BIG, HEAD_DIM], tl.float32)
         unmasked_end = 0
         if EVEN:
@@ -327,11 +342,11 @@ if triton is not None:
         for start_n in range(0, unmasked_end, SMALL):
             dq = _backward_q_step(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h,
                                   v_stride_t, q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
-                                  log2_scale, SMALL, False)
+                                  log2_scale, SMALL, False, EVEN)
         for start_n in range(unmasked_end, tl.minimum(start + BIG, seq_len), SMALL):
             dq = _backward_q_step(K, V, b, h, k_stride_b, k_stride_h, k_stride_t, v_stride_b, v_stride_h,
                                   v_stride_t, q, grad_out, lse, delta, rows, dims, seq_len, start_n, dq,
-                                  log2_scale, SMALL, True)
+                                  log2_scale, SMALL, True, EVEN)
         if ROTARY:
             dq = _unrotate(dq, cos, sin, BIG, HEAD_DIM)
         tl.store(GRADS + offsets, (dq * SCALE).to(GRADS.dtype.element_ty), mask=in_sequence)
