@@ -83,16 +83,13 @@ if triton is not None:
         logits, cols = LOGITS + row * stride, tl.arange(0, BLOCK)
         # Pass 1: each lane's running max and sum of exp2(x2 - max). Lanes start at a finite
         # floor, not -inf, so that a lane that sees only padding (-inf) never makes exp2(nan).
-        # One exp2 an element, exp2(-|x2 - max|): the new term's weight when the max stands, the
-        # old sum's rescale when x2 is the new max (exp2 is the scarce instruction here).
         lane_max = tl.full([BLOCK], -1e30, tl.float32)
         lane_sum = tl.zeros([BLOCK], tl.float32)
         for start in range(0, vocab_size, BLOCK):
             x2 = _scaled_logits(logits, start + cols, vocab_size)
-            above = x2 - lane_max
-            weight = tl.math.exp2(-tl.abs(above))
-            lane_sum = tl.where(above > 0, lane_sum * weight + 1.0, lane_sum + weight)
-            lane_max = tl.maximum(lane_max, x2)
+            new_max = tl.maximum(lane_max, x2)
+            lane_sum = lane_sum * tl.math.exp2(lane_max - new_max) + tl.math.exp2(x2 - new_max)
+            lane_max = new_max
         row_max = tl.max(lane_max, 0)
         lse2 = row_max + tl.math.log2(tl.sum(lane_sum * tl.math.exp2(lane_max - row_max), 0))
         target = tl.load(TARGETS + row)
