@@ -176,7 +176,8 @@ if triton is not None:
         """O and the log-sum-exp for one block of queries: keys up to the diagonal, online softmax.
 
         EVEN (T a multiple of BLOCK_M): the key blocks left of the diagonal block need
-        no mask; only the diagonal's BLOCK_M keys are masked. Otherwise every block is."""
+        no mask, only the diagonal's BLOCK_M keys are masked, and no load checks the sequence's
+        end. Otherwise every block is masked."""
         block_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // num_heads, bh % num_heads
         rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -294,9 +295,10 @@ if triton is not None:
 
         Key block i meets the queries from block i on, query block i the keys up to block i: the
         two halves together cost every program the same, whatever i, which balances the causal
-        triangle. EVEN (T a multiple of BIG): only the diagonal's steps are masked. ROTARY: Q and
-        K were rotated by RoPE's tables COS, SIN (T, D); dQ and dK are rotated back before they
-        are stored. dQ, dK, dV are parts 0, 1, 2 of GRADS, strided as (B, 3, H, T, D) by grad_stride_*."""
+        triangle. EVEN (T a multiple of BIG): only the diagonal's steps are masked, and no load
+        checks the sequence's end. ROTARY: Q and K were rotated by RoPE's tables COS, SIN (T, D);
+        dQ and dK are rotated back before they are stored. dQ, dK, dV are parts 0, 1, 2 of GRADS,
+        strided as (B, 3, H, T, D) by grad_stride_*."""
         block, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // num_heads, bh % num_heads
         dims = tl.arange(0, HEAD_DIM)
