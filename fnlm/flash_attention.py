@@ -208,11 +208,12 @@ if triton is not None:
     @triton.jit
     def _row_stats(LSE, DELTA, bh, rows, seq_len, EVEN: tl.constexpr):
         """The rows' log-sum-exp in base 2 (the backward's exp2 units) and their rowsum(dO * O)."""
+        offsets = bh * seq_len + rows
         if EVEN:
-            lse, delta = tl.load(LSE + bh * seq_len + rows), tl.load(DELTA + bh * seq_len + rows)
+            lse, delta = tl.load(LSE + offsets), tl.load(DELTA + offsets)
         else:
-            lse = tl.load(LSE + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
-            delta = tl.load(DELTA + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+            lse = tl.load(LSE + offsets, mask=rows < seq_len, other=0.0)
+            delta = tl.load(DELTA + offsets, mask=rows < seq_len, other=0.0)
         return lse * 1.4426950408889634, delta
 
     @triton.jit
